@@ -1,0 +1,10 @@
+"""The runtime op contract of DESIGN §5: every routing op routec lowers to, by name.
+
+Layout is channels-last with the sequence axis at 1. Each op accepts fp32 and bf16 (accumulating in fp32),
+is differentiable, is registered as a `torch.library` custom op in the `routec` namespace (with a fake
+implementation and autograd, so `torch.compile(fullgraph=True)` and `torch.export` see one opaque node),
+and runs either its Triton kernel or its pure-PyTorch reference (see `routec.codegen.backend`).
+
+Each op family lives in its own module with its kernel, launcher and reference side by side; this module
+only re-exports them.
+"""
