@@ -40,3 +40,25 @@ def use_triton(*tensors: torch.Tensor | None) -> bool:
             raise RuntimeError("ROUTEC_BACKEND=triton needs CUDA tensors or TRITON_INTERPRET=1")
         return True
     return on_cuda
+
+
+def reference_vjp(fn, inputs: tuple, grad_outputs: tuple) -> tuple:
+    """Gradients of `fn(*inputs)` by re-running a differentiable reference under autograd.
+
+    Used as the backward of a custom op whose forward ran without autograd: tensors in `inputs` are
+    detached copies that require grad; non-tensor inputs pass through. Returns one entry per input (None
+    for non-tensors and for tensors that get no gradient).
+    """
+    leaves = tuple(
+        x.detach().requires_grad_(True) if isinstance(x, torch.Tensor) and x.is_floating_point() else x
+        for x in inputs
+    )
+    with torch.enable_grad():
+        out = fn(*leaves)
+    outs = out if isinstance(out, tuple) else (out,)
+    pairs = [(o, g) for o, g in zip(outs, grad_outputs) if g is not None and o.requires_grad]
+    wrt = [x for x in leaves if isinstance(x, torch.Tensor) and x.requires_grad]
+    if not pairs or not wrt:
+        return tuple(None for _ in inputs)
+    grads = iter(torch.autograd.grad([o for o, _ in pairs], wrt, [g for _, g in pairs], allow_unused=True))
+    return tuple(next(grads) if isinstance(x, torch.Tensor) and x.requires_grad else None for x in leaves)
