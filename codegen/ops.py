@@ -8,3 +8,4 @@ and runs either its Triton kernel or its pure-PyTorch reference (see `routec.cod
 Each op family lives in its own module with its kernel, launcher and reference side by side; this module
 only re-exports them.
 """
+from .lif import lif_scan
