@@ -9,3 +9,4 @@ Each op family lives in its own module with its kernel, launcher and reference s
 only re-exports them.
 """
 from .lif import lif_scan
+from .scan import linear_scan, selective_scan
