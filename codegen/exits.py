@@ -1,0 +1,541 @@
+"""Exit rules (DESIGN §4 `exit`): halting scores, the exit head with its rule fused, and exit selection.
+
+    exit_scores(logits, *, rule)                          -> score [N]
+        confidence: max_c softmax(logits)[c];  entropy: -Σ_c p_c log p_c
+    linear_exit(x, weight, bias, *, rule, threshold)      -> (logits [N, C], score [N], exit_mask [N])
+        logits = x @ weight.T + bias; exit where score >= threshold (confidence) or <= threshold (entropy)
+    select_first_exit(logits_stack, masks)                -> (out [N, C], index [N])
+        per sample, the output of the first exit whose mask holds, else the last; and that exit's index
+
+`select_first_exit` is the eval-mode semantics of `exit` ("run every exit, then select"): compacted eval
+(exited rows leave the batch, survivors go on, results are scattered back) must equal it bit for bit, and
+it does, because selection copies values and every head computes each row independently of the others.
+
+Differentiability. `exit_scores` is differentiable (confidence: c·(onehot(argmax) − p); entropy:
+−p·(log p + H)); at exact ties of the largest logit the confidence gradient goes to every tied class.
+In `linear_exit` only `logits` carries gradients: the score and the mask are the halting decision, a
+non-differentiable branch (train a learned halting gate through `exit_scores` or its own head instead).
+`select_first_exit` routes the gradient of `out` to the selected exit's rows; `index` has none.
+
+Kernels. `exit_scores`: one program per BLOCK_N rows, an online max / sum-exp (and Σ e·(l − m) for the
+entropy) over blocks of classes, so any C works; the backward recomputes those and writes the gradient in
+a second pass. `linear_exit`: one program per BLOCK_N rows holding all C ≤ 1024 classes in one tile, a
+K loop of `tl.dot`, and the bias, row softmax, score and decision in the epilogue; larger heads run the
+matmul in PyTorch and the `exit_scores` kernel after it. Its backward is the linear layer's three
+products, left to PyTorch's GEMMs (there is nothing to fuse: the rule has no gradient).
+`select_first_exit`: one program per BLOCK_N rows finds the first exit over the masks and copies that
+exit's rows; the backward writes the gradient into the selected exit and zeros elsewhere.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from .backend import reference_vjp, use_triton
+
+__all__ = [
+    "RULES",
+    "exit_scores",
+    "exit_scores_reference",
+    "linear_exit",
+    "linear_exit_reference",
+    "select_first_exit",
+    "select_first_exit_reference",
+]
+
+RULES = ("confidence", "entropy")
+MAX_FUSED_CLASSES = 1024
+
+
+def _check_rule(rule: str) -> None:
+    if rule not in RULES:
+        raise ValueError(f"exit rule must be one of {', '.join(RULES)}, got {rule!r}")
+
+
+def exit_scores_reference(logits: Tensor, *, rule: str = "confidence") -> Tensor:
+    """Max softmax probability or softmax entropy of each row of logits [N, C] (fp32 or wider math)."""
+    _check_rule(rule)
+    work = logits if logits.dtype == torch.float64 else logits.float()
+    logp = torch.log_softmax(work, dim=-1)  # [N, C]
+    if rule == "confidence":
+        score = logp.max(dim=-1).values.exp()
+    else:
+        score = -(logp.exp() * logp).sum(dim=-1)
+    return score.to(logits.dtype)
+
+
+def _decide(score: Tensor, rule: str, threshold: float) -> Tensor:
+    return score >= threshold if rule == "confidence" else score <= threshold
+
+
+def linear_exit_reference(
+    x: Tensor, weight: Tensor, bias: Optional[Tensor], *, rule: str = "confidence", threshold: float = 0.9
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The exit head (a linear layer) and its halting rule, unfused."""
+    logits = F.linear(x, weight, bias)  # [N, C]
+    score = exit_scores_reference(logits.float() if logits.dtype != torch.float64 else logits, rule=rule)
+    return logits, score.to(logits.dtype), _decide(score, rule, threshold)
+
+
+def select_first_exit_reference(logits_stack: Tensor, masks: Tensor) -> tuple[Tensor, Tensor]:
+    """logits_stack [E, N, C], masks bool [E, N] -> (out [N, C], index int64 [N])."""
+    forced = torch.cat([masks[:-1], torch.ones_like(masks[-1:])])  # the last exit always holds
+    index = forced.to(torch.uint8).argmax(dim=0)  # first maximum = first exit that holds
+    out = logits_stack.gather(0, index.reshape(1, -1, 1).expand(1, -1, logits_stack.shape[-1])).squeeze(0)
+    return out, index.to(torch.int64)
+
+
+@triton.jit
+def _row_stats(logits_ptr, rows64, row_ok, C, ENTROPY: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Online softmax statistics of rows: max m, Z = Σ e^(l-m), S = Σ e^(l-m)·(l-m) (entropy only)."""
+    m = tl.full((BLOCK_N,), float("-inf"), dtype=tl.float32)
+    z = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    s = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for c0 in range(0, C, BLOCK_C):
+        cols = c0 + tl.arange(0, BLOCK_C)
+        mask = row_ok[:, None] & (cols[None, :] < C)
+        lg = tl.load(logits_ptr + rows64[:, None] * C + cols[None, :], mask=mask, other=float("-inf"))
+        lg = lg.to(tl.float32)
+        m_new = tl.maximum(m, tl.max(lg, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing finite yet
+        alpha = tl.exp(m - m_safe)
+        e = tl.exp(lg - m_safe[:, None])  # [BN, BC], 0 where masked
+        if ENTROPY:
+            shift = tl.where(z > 0, m - m_safe, 0.0)
+            s = alpha * (s + z * shift) + tl.sum(tl.where(e > 0, e * (lg - m_safe[:, None]), 0.0), axis=1)
+        z = alpha * z + tl.sum(e, axis=1)
+        m = m_new
+    return m, z, s
+
+
+@triton.jit
+def _exit_scores_kernel(
+    logits_ptr,  # [N, C]
+    score_ptr,  # [N]
+    N,
+    C,
+    ENTROPY: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    """score = 1 / Z (confidence, the max probability) or log Z − S / Z (entropy), per row."""
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < N
+    rows64 = rows.to(tl.int64)
+    m, z, s = _row_stats(logits_ptr, rows64, row_ok, C, ENTROPY, BLOCK_N, BLOCK_C)
+    if ENTROPY:
+        score = tl.log(z) - s / z
+    else:
+        score = 1.0 / z
+    tl.store(score_ptr + rows64, score.to(score_ptr.dtype.element_ty), mask=row_ok)
+
+
+@triton.jit
+def _exit_scores_bwd_kernel(
+    logits_ptr,  # [N, C]
+    dscore_ptr,  # [N]
+    dlogits_ptr,  # [N, C]
+    N,
+    C,
+    ENTROPY: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    """dlogits = g·c·(onehot(argmax) − p) (confidence) or −g·p·(log p + H) (entropy); stats recomputed."""
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < N
+    rows64 = rows.to(tl.int64)
+    m, z, s = _row_stats(logits_ptr, rows64, row_ok, C, ENTROPY, BLOCK_N, BLOCK_C)
+    g = tl.load(dscore_ptr + rows64, mask=row_ok, other=0.0).to(tl.float32)
+    log_z = tl.log(z)
+    entropy = log_z - s / z
+    for c0 in range(0, C, BLOCK_C):
+        cols = c0 + tl.arange(0, BLOCK_C)
+        mask = row_ok[:, None] & (cols[None, :] < C)
+        offs = rows64[:, None] * C + cols[None, :]
+        lg = tl.load(logits_ptr + offs, mask=mask, other=float("-inf")).to(tl.float32)
+        logp = lg - m[:, None] - log_z[:, None]
+        p = tl.exp(logp)
+        if ENTROPY:
+            grad = -g[:, None] * tl.where(p > 0, p * (logp + entropy[:, None]), 0.0)
+        else:
+            onehot = tl.where(lg == m[:, None], 1.0, 0.0)
+            grad = (g / z)[:, None] * (onehot - p)
+        tl.store(dlogits_ptr + offs, grad.to(dlogits_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _linear_exit_kernel(
+    x_ptr,  # [N, K]
+    w_ptr,  # [C, K]
+    b_ptr,  # [C]
+    logits_ptr,  # [N, C]
+    score_ptr,  # [N]
+    exit_ptr,  # [N] uint8
+    N,
+    C,
+    K,
+    threshold,
+    HAS_BIAS: tl.constexpr,
+    ENTROPY: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """logits = x @ w.T + b for BLOCK_N rows and all C classes (one tile), then the row softmax, the score
+    and the exit decision in registers before the stores."""
+    tl.static_assert(BLOCK_N >= 16 and BLOCK_C >= 16 and BLOCK_K >= 16, "tl.dot tiles must be >= 16")
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN]
+    cols = tl.arange(0, BLOCK_C)  # [BC]
+    row_ok = rows < N
+    col_ok = cols < C
+    rows64 = rows.to(tl.int64)
+    cols64 = cols.to(tl.int64)
+    acc = tl.zeros((BLOCK_N, BLOCK_C), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        k_ok = ks < K
+        a = tl.load(x_ptr + rows64[:, None] * K + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        b = tl.load(w_ptr + cols64[None, :] * K + ks[:, None], mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+        acc = tl.dot(a, b, acc=acc, input_precision=PRECISION, out_dtype=tl.float32)  # [BN, BC]
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    out_mask = row_ok[:, None] & col_ok[None, :]
+    tl.store(logits_ptr + rows64[:, None] * C + cols64[None, :], acc.to(logits_ptr.dtype.element_ty), mask=out_mask)
+    # The rule sees the logits as stored (rounded to the output dtype), like the unfused head would.
+    lg = tl.where(col_ok[None, :], acc.to(logits_ptr.dtype.element_ty).to(tl.float32), float("-inf"))
+    m = tl.max(lg, axis=1)  # [BN]
+    e = tl.exp(lg - m[:, None])
+    z = tl.sum(e, axis=1)
+    if ENTROPY:
+        s = tl.sum(tl.where(e > 0, e * (lg - m[:, None]), 0.0), axis=1)
+        score = tl.log(z) - s / z
+        leave = score <= threshold
+    else:
+        score = 1.0 / z
+        leave = score >= threshold
+    tl.store(score_ptr + rows64, score.to(score_ptr.dtype.element_ty), mask=row_ok)
+    tl.store(exit_ptr + rows64, leave.to(tl.uint8), mask=row_ok)
+
+
+@triton.jit
+def _select_first_exit_kernel(
+    stack_ptr,  # [E, N, C]
+    masks_ptr,  # [E, N] uint8
+    out_ptr,  # [N, C]
+    index_ptr,  # [N] int64
+    E,
+    N,
+    C,
+    BLOCK_N: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    """index[n] = first e with masks[e, n] (else E − 1); out[n] = stack[index[n], n]."""
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < N
+    rows64 = rows.to(tl.int64)
+    index = tl.zeros((BLOCK_N,), dtype=tl.int64) + (E - 1)
+    found = tl.zeros((BLOCK_N,), dtype=tl.int1)
+    for e in range(0, E - 1):
+        hit = tl.load(masks_ptr + e * N + rows64, mask=row_ok, other=0) != 0
+        index = tl.where(hit & (found == 0), e, index)
+        found = found | hit
+    tl.store(index_ptr + rows64, index, mask=row_ok)
+    src = index * N * C + rows64 * C  # [BN] int64
+    for c0 in range(0, C, BLOCK_C):
+        cols = c0 + tl.arange(0, BLOCK_C)
+        mask = row_ok[:, None] & (cols[None, :] < C)
+        v = tl.load(stack_ptr + src[:, None] + cols[None, :], mask=mask, other=0.0)
+        tl.store(out_ptr + rows64[:, None] * C + cols[None, :], v, mask=mask)
+
+
+@triton.jit
+def _select_first_exit_bwd_kernel(
+    dout_ptr,  # [N, C]
+    index_ptr,  # [N] int64
+    dstack_ptr,  # [E, N, C]
+    N,
+    C,
+    BLOCK_N: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    """dstack[e, n] = dout[n] if index[n] == e else 0; one program per (row block, exit e)."""
+    e = tl.program_id(1)
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < N
+    rows64 = rows.to(tl.int64)
+    chosen = tl.load(index_ptr + rows64, mask=row_ok, other=-1) == e  # [BN]
+    base = e.to(tl.int64) * N * C
+    for c0 in range(0, C, BLOCK_C):
+        cols = c0 + tl.arange(0, BLOCK_C)
+        mask = row_ok[:, None] & (cols[None, :] < C)
+        offs = rows64[:, None] * C + cols[None, :]
+        g = tl.load(dout_ptr + offs, mask=mask & chosen[:, None], other=0.0)
+        tl.store(dstack_ptr + base + offs, g, mask=mask)
+
+
+def _row_tiles(C: int) -> tuple[int, int]:
+    block_c = min(triton.next_power_of_2(max(C, 1)), 1024)
+    return max(4096 // block_c, 1), block_c
+
+
+def _check_logits(name: str, logits: Tensor) -> None:
+    if logits.dim() != 2:
+        raise ValueError(f"{name}: logits must be [N, C], got shape {list(logits.shape)}")
+
+
+def exit_scores_forward(logits: Tensor, rule: str, *, out: Tensor | None = None) -> Tensor:
+    """Launch the score kernel; the score has the dtype of the logits."""
+    n, c = logits.shape
+    score = logits.new_empty(n) if out is None else out
+    if n == 0:
+        return score
+    block_n, block_c = _row_tiles(c)
+    _exit_scores_kernel[(triton.cdiv(n, block_n),)](
+        logits.contiguous(), score, n, c, ENTROPY=rule == "entropy", BLOCK_N=block_n, BLOCK_C=block_c
+    )
+    return score
+
+
+def exit_scores_backward(logits: Tensor, dscore: Tensor, rule: str, *, out: Tensor | None = None) -> Tensor:
+    n, c = logits.shape
+    dlogits = torch.empty_like(logits, memory_format=torch.contiguous_format) if out is None else out
+    if n == 0:
+        return dlogits
+    block_n, block_c = _row_tiles(c)
+    _exit_scores_bwd_kernel[(triton.cdiv(n, block_n),)](
+        logits.contiguous(),
+        dscore.contiguous(),
+        dlogits,
+        n,
+        c,
+        ENTROPY=rule == "entropy",
+        BLOCK_N=block_n,
+        BLOCK_C=block_c,
+    )
+    return dlogits
+
+
+def linear_exit_forward(
+    x: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor],
+    rule: str,
+    threshold: float,
+    *,
+    outs: tuple[Tensor, Tensor, Tensor] | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Launch the fused head (C ≤ 1024) or the matmul + score kernel (larger C)."""
+    n, k = x.shape
+    c = weight.shape[0]
+    dtype = torch.promote_types(x.dtype, weight.dtype)
+    if c > MAX_FUSED_CLASSES:
+        logits = F.linear(x, weight, bias)
+        score = exit_scores_forward(logits, rule)
+        return logits, score, _decide(score, rule, threshold)
+    if outs is None:
+        logits = x.new_empty((n, c), dtype=dtype)
+        score = x.new_empty((n,), dtype=dtype)
+        leave = x.new_empty((n,), dtype=torch.bool)
+    else:
+        logits, score, leave = outs
+    if n == 0:
+        return logits, score, leave
+    block_c = max(triton.next_power_of_2(c), 16)
+    block_k = max(16, min(64, 8192 // block_c, triton.next_power_of_2(k)))
+    x_c, w_c = x.to(dtype).contiguous(), weight.to(dtype).contiguous()
+    _linear_exit_kernel[(triton.cdiv(n, 16),)](
+        x_c,
+        w_c,
+        w_c if bias is None else bias.contiguous(),
+        logits,
+        score,
+        leave.view(torch.uint8),
+        n,
+        c,
+        k,
+        float(threshold),
+        HAS_BIAS=bias is not None,
+        ENTROPY=rule == "entropy",
+        PRECISION="ieee" if dtype == torch.float32 else "tf32",
+        BLOCK_N=16,
+        BLOCK_C=block_c,
+        BLOCK_K=block_k,
+        num_warps=8 if block_c >= 512 else 4,
+    )
+    return logits, score, leave
+
+
+def select_first_exit_forward(
+    logits_stack: Tensor, masks: Tensor, *, out: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
+    n_exits, n, c = logits_stack.shape
+    result = logits_stack.new_empty((n, c)) if out is None else out
+    index = torch.empty(n, dtype=torch.int64, device=logits_stack.device)
+    if n == 0:
+        return result, index
+    block_n, block_c = _row_tiles(c)
+    _select_first_exit_kernel[(triton.cdiv(n, block_n),)](
+        logits_stack.contiguous(),
+        masks.contiguous().view(torch.uint8),
+        result,
+        index,
+        n_exits,
+        n,
+        c,
+        BLOCK_N=block_n,
+        BLOCK_C=block_c,
+    )
+    return result, index
+
+
+def select_first_exit_backward(dout: Tensor, index: Tensor, n_exits: int) -> Tensor:
+    n, c = dout.shape
+    dstack = dout.new_empty((n_exits, n, c))
+    if n * c == 0:
+        return dstack.zero_()
+    block_n, block_c = _row_tiles(c)
+    _select_first_exit_bwd_kernel[(triton.cdiv(n, block_n), n_exits)](
+        dout.contiguous(), index, dstack, n, c, BLOCK_N=block_n, BLOCK_C=block_c
+    )
+    return dstack
+
+
+@torch.library.custom_op("routec::exit_scores", mutates_args=())
+def _exit_scores_op(logits: Tensor, rule: str) -> Tensor:
+    _check_logits("exit_scores", logits)
+    _check_rule(rule)
+    if use_triton(logits):
+        return exit_scores_forward(logits, rule)
+    with torch.no_grad():
+        return exit_scores_reference(logits, rule=rule)
+
+
+@_exit_scores_op.register_fake
+def _(logits: Tensor, rule: str) -> Tensor:
+    return logits.new_empty(logits.shape[:1])
+
+
+def _scores_setup(ctx, inputs, output) -> None:
+    logits, rule = inputs
+    ctx.save_for_backward(logits)
+    ctx.rule = rule
+
+
+def _scores_backward(ctx, dscore: Tensor):
+    (logits,) = ctx.saved_tensors
+    if use_triton(logits, dscore):
+        return exit_scores_backward(logits, dscore, ctx.rule), None
+    grads = reference_vjp(lambda lg: exit_scores_reference(lg, rule=ctx.rule), (logits,), (dscore,))
+    return grads[0], None
+
+
+_exit_scores_op.register_autograd(_scores_backward, setup_context=_scores_setup)
+
+
+@torch.library.custom_op("routec::linear_exit", mutates_args=())
+def _linear_exit_op(
+    x: Tensor, weight: Tensor, bias: Optional[Tensor], rule: str, threshold: float
+) -> tuple[Tensor, Tensor, Tensor]:
+    _check_rule(rule)
+    if x.dim() != 2 or weight.dim() != 2 or weight.shape[1] != x.shape[1]:
+        raise ValueError(
+            f"linear_exit: x must be [N, d] and weight [C, d], got {list(x.shape)} and {list(weight.shape)}"
+        )
+    if use_triton(x, weight, bias):
+        return linear_exit_forward(x, weight, bias, rule, threshold)
+    with torch.no_grad():
+        return linear_exit_reference(x, weight, bias, rule=rule, threshold=threshold)
+
+
+@_linear_exit_op.register_fake
+def _(x: Tensor, weight: Tensor, bias: Optional[Tensor], rule: str, threshold: float):
+    dtype = torch.promote_types(x.dtype, weight.dtype)
+    n, c = x.shape[0], weight.shape[0]
+    return x.new_empty((n, c), dtype=dtype), x.new_empty((n,), dtype=dtype), x.new_empty((n,), dtype=torch.bool)
+
+
+def _linear_exit_setup(ctx, inputs, output) -> None:
+    x, weight, bias, _, _ = inputs
+    ctx.save_for_backward(x, weight)
+    ctx.has_bias = bias is not None
+    ctx.mark_non_differentiable(output[1], output[2])
+
+
+def _linear_exit_backward(ctx, dlogits: Tensor, _dscore, _dmask):
+    # Only the logits are differentiable (module doc); the three products of a linear layer's backward.
+    x, weight = ctx.saved_tensors
+    dlogits = dlogits.to(torch.promote_types(x.dtype, weight.dtype))
+    dx = (dlogits @ weight.to(dlogits.dtype)).to(x.dtype)
+    dweight = (dlogits.t() @ x.to(dlogits.dtype)).to(weight.dtype)
+    dbias = dlogits.sum(0) if ctx.has_bias else None
+    return dx, dweight, dbias, None, None
+
+
+_linear_exit_op.register_autograd(_linear_exit_backward, setup_context=_linear_exit_setup)
+
+
+@torch.library.custom_op("routec::select_first_exit", mutates_args=())
+def _select_first_exit_op(logits_stack: Tensor, masks: Tensor) -> tuple[Tensor, Tensor]:
+    if logits_stack.dim() != 3 or logits_stack.shape[0] < 1 or masks.shape != logits_stack.shape[:2]:
+        raise ValueError(
+            f"select_first_exit: need logits_stack [E >= 1, N, C] and masks [E, N], got "
+            f"{list(logits_stack.shape)} and {list(masks.shape)}"
+        )
+    if masks.dtype != torch.bool:
+        raise ValueError(f"select_first_exit: masks must be bool, got {masks.dtype}")
+    if use_triton(logits_stack, masks):
+        return select_first_exit_forward(logits_stack, masks)
+    with torch.no_grad():
+        return select_first_exit_reference(logits_stack, masks)
+
+
+@_select_first_exit_op.register_fake
+def _(logits_stack: Tensor, masks: Tensor):
+    n = logits_stack.shape[1]
+    return logits_stack.new_empty(logits_stack.shape[1:]), logits_stack.new_empty((n,), dtype=torch.int64)
+
+
+def _select_setup(ctx, inputs, output) -> None:
+    logits_stack, masks = inputs
+    ctx.save_for_backward(logits_stack, masks, output[1])
+    ctx.mark_non_differentiable(output[1])
+
+
+def _select_backward(ctx, dout: Tensor, _dindex):
+    logits_stack, masks, index = ctx.saved_tensors
+    if use_triton(dout, index):
+        return select_first_exit_backward(dout, index, logits_stack.shape[0]), None
+    grads = reference_vjp(lambda s: select_first_exit_reference(s, masks), (logits_stack,), (dout, None))
+    return grads[0], None
+
+
+_select_first_exit_op.register_autograd(_select_backward, setup_context=_select_setup)
+
+
+def exit_scores(logits: Tensor, *, rule: str = "confidence") -> Tensor:
+    """Halting score of each row of logits [N, C]: max softmax probability ("confidence") or softmax
+    entropy ("entropy"); [N], dtype of the logits. Differentiable."""
+    return torch.ops.routec.exit_scores(logits, rule)
+
+
+def linear_exit(
+    x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *, rule: str = "confidence", threshold: float = 0.9
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Exit head with its rule fused: x [N, d], weight [C, d], bias [C] -> (logits [N, C], score [N],
+    exit_mask bool [N]); exit where score >= threshold (confidence) or score <= threshold (entropy).
+    Gradients flow through the logits only."""
+    return torch.ops.routec.linear_exit(x, weight, bias, rule, float(threshold))
+
+
+def select_first_exit(logits_stack: Tensor, masks: Tensor) -> tuple[Tensor, Tensor]:
+    """logits_stack [E, N, C], masks bool [E, N] -> (out [N, C]: per sample the output of the first exit
+    whose mask holds, else the last; index int64 [N]: that exit). Differentiable in logits_stack."""
+    return torch.ops.routec.select_first_exit(logits_stack, masks)
