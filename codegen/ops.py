@@ -10,3 +10,6 @@ only re-exports them.
 """
 from .lif import lif_scan
 from .scan import linear_scan, selective_scan
+from .combine import gated_combine
+from .compaction import bucket_capacity, compact, gather_rows, scatter_rows, should_compact
+from .exits import exit_scores, linear_exit, select_first_exit
