@@ -1,0 +1,515 @@
+"""Parameter-free tensor functions (`FUNCS`) usable as pipe stages and calls: `x -> gelu -> mean(1)`.
+
+Each `FuncDef` pairs a plain PyTorch function (its Python defaults are the `Param` defaults) with a symbolic
+shape rule. `permute(1, random)` / `unpermute` in a spec are the compiler's: it draws the permutation with
+`token_shuffle` (FuncDef `shuffle`) and undoes it with `token_unshuffle` (FuncDef `unpermute`).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from .registry import (
+    UNKNOWN,
+    VARIADIC,
+    FuncDef,
+    Param,
+    Shape,
+    ShapeResult,
+    differ,
+    dim_error,
+    norm_dim,
+    product,
+    render_shape,
+    render_value,
+    total,
+)
+
+
+def token_shuffle(
+    x: torch.Tensor, dim: int = 1, generator: torch.Generator | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reorder `x` along `dim` by one random permutation shared by the batch: y = x.index_select(dim, perm).
+    Returns (y, perm), perm a long tensor [x.shape[dim]] on x's device."""
+    perm = torch.randperm(x.shape[dim], generator=generator, device=x.device)
+    return x.index_select(dim, perm), perm
+
+
+def token_unshuffle(y: torch.Tensor, perm: torch.Tensor, dim: int = 1) -> torch.Tensor:
+    """Undo `token_shuffle`: returns x with x.index_select(dim, perm) == y."""
+    return y.index_select(dim, torch.argsort(perm))
+
+
+def _float(x: torch.Tensor) -> torch.Tensor:
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
+def confidence(logits: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    """The largest softmax probability along `dim` (computed in at least fp32)."""
+    return torch.softmax(_float(logits), dim=dim).amax(dim=dim).to(logits.dtype)
+
+
+def entropy(logits: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    """−Σ p log p of softmax(logits) along `dim`, in nats; classes with p = 0 (logit −inf) add 0."""
+    logp = torch.log_softmax(_float(logits), dim=dim)
+    p = logp.exp()
+    return -torch.where(p > 0, p * logp, torch.zeros_like(p)).sum(dim=dim).to(logits.dtype)
+
+
+def _tensors(items: Sequence[Any]) -> Sequence[torch.Tensor]:
+    """`concat` and `stack` take the items of a list: as separate arguments or as one list."""
+    return items[0] if len(items) == 1 and isinstance(items[0], (list, tuple)) else items
+
+
+def concat(*xs: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    return torch.cat(list(_tensors(xs)), dim=dim)
+
+
+def stack(*xs: torch.Tensor, dim: int = 0) -> torch.Tensor:
+    return torch.stack(list(_tensors(xs)), dim=dim)
+
+
+def _filled(value: float) -> Callable[..., torch.Tensor]:
+    def make(*like: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
+        """A tensor of `value` with `shape`, on the device and dtype of the optional `like` tensor."""
+        if like:
+            return like[0].new_full(tuple(shape), value)
+        return torch.full(tuple(shape), value)
+
+    return make
+
+
+def _render_call(name: str, params: tuple[Param, ...], kw: dict) -> str:
+    """`mean(1)`, `reshape(B, -1, 4)`: the arguments up to the last one that is not its default."""
+    shown: list[str] = []
+    pending: list[str] = []
+    for p in params:
+        value = kw.get(p.name)
+        if p.variadic:
+            text = [str(v) if isinstance(v, str) else render_value(v) for v in value or ()]
+        else:
+            text = [render_value(value)]
+        pending.extend(text)
+        if p.required or value != p.default:
+            shown.extend(pending)
+            pending = []
+    return f"{name}({', '.join(shown)})"
+
+
+def _same(shapes: list[Shape], kw: dict) -> ShapeResult:
+    return shapes[0]
+
+
+def _dim_rule(name: str, params: tuple[Param, ...], keep: Callable[[Shape, int, dict], ShapeResult]):
+    """A rule that checks `kw["dim"]` against the first input's rank, then lets `keep` shape the result."""
+
+    def rule(shapes: list[Shape], kw: dict) -> ShapeResult:
+        x = shapes[0]
+        d = norm_dim(kw["dim"], len(x))
+        if d is None:
+            return dim_error(_render_call(name, params, kw), kw["dim"], x)
+        return keep(x, d, kw)
+
+    return rule
+
+
+def _reduced(x: Shape, d: int, kw: dict) -> ShapeResult:
+    if kw.get("keepdim"):
+        return x[:d] + (1,) + x[d + 1 :]
+    return x[:d] + x[d + 1 :]
+
+
+def _reshape(shapes: list[Shape], kw: dict) -> ShapeResult:
+    (x,) = shapes
+    target = kw["shape"]
+    call = _render_call("reshape", RESHAPE_PARAMS, kw)
+    if not target or not all(isinstance(t, (int, str)) and not isinstance(t, bool) for t in target):
+        return f"`reshape` needs sizes (ints, dims or -1), got {render_value(target)}"
+    if target.count(-1) > 1:
+        return f"`{call}` can infer at most one dimension (-1), got {render_shape(target)}"
+    if any(isinstance(t, int) and t < -1 for t in target):
+        return f"`{call}` needs sizes of at least 0 (or -1 to infer one), got {render_shape(target)}"
+    known = [t for t in target if t != -1]
+    if all(isinstance(d, int) for d in x) and all(isinstance(t, int) for t in known):
+        have, want = product(x), product(known)
+        assert isinstance(have, int) and isinstance(want, int)
+        fits = have == want if -1 not in target else want > 0 and have % want == 0
+        if not fits:
+            return f"`{call}` cannot reshape {render_shape(x)} ({have} elements) into {render_shape(target)}"
+        if -1 in target:
+            return tuple(have // want if want else 0 if t == -1 else t for t in target)
+        return tuple(target)
+    if -1 not in target:
+        return tuple(target)
+    # Infer -1 symbolically: cancel the symbols the target repeats from the input, divide the numbers.
+    in_symbols = Counter(str(d) for d in x if not isinstance(d, int))
+    out_symbols = Counter(str(t) for t in known if not isinstance(t, int))
+    in_number = product([d for d in x if isinstance(d, int)])
+    out_number = product([t for t in known if isinstance(t, int)])
+    assert isinstance(in_number, int) and isinstance(out_number, int)
+    if out_symbols - in_symbols or UNKNOWN in in_symbols or out_number == 0 or in_number % out_number:
+        inferred: Any = UNKNOWN
+    else:
+        rest = list((in_symbols - out_symbols).elements())
+        inferred = product([in_number // out_number, *rest])
+    return tuple(inferred if t == -1 else t for t in target)
+
+
+def _transpose(shapes: list[Shape], kw: dict) -> ShapeResult:
+    (x,) = shapes
+    call = _render_call("transpose", TRANSPOSE_PARAMS, kw)
+    a, b = norm_dim(kw["a"], len(x)), norm_dim(kw["b"], len(x))
+    if a is None:
+        return dim_error(call, kw["a"], x)
+    if b is None:
+        return dim_error(call, kw["b"], x)
+    out = list(x)
+    out[a], out[b] = x[b], x[a]
+    return tuple(out)
+
+
+def _permute(shapes: list[Shape], kw: dict) -> ShapeResult:
+    (x,) = shapes
+    dims = [norm_dim(d, len(x)) for d in kw["dims"]]
+    if sorted(d for d in dims if d is not None) != list(range(len(x))) or None in dims:
+        return (
+            f"`{_render_call('permute', PERMUTE_PARAMS, kw)}` needs an order of all {len(x)} dimensions "
+            f"of {render_shape(x)}, each once"
+        )
+    return tuple(x[d] for d in dims if d is not None)
+
+
+def _concat(shapes: list[Shape], kw: dict) -> ShapeResult:
+    first = shapes[0]
+    call = _render_call("concat", CONCAT_PARAMS, kw)
+    d = norm_dim(kw["dim"], len(first))
+    if d is None:
+        return dim_error(call, kw["dim"], first)
+    for other in shapes[1:]:
+        if len(other) != len(first) or any(differ(a, b) for i, (a, b) in enumerate(zip(first, other)) if i != d):
+            return (
+                f"`{call}` needs inputs of equal shapes outside dimension {kw['dim']}, "
+                f"got {render_shape(first)} and {render_shape(other)}"
+            )
+    return first[:d] + (total([s[d] for s in shapes]),) + first[d + 1 :]
+
+
+def _stack(shapes: list[Shape], kw: dict) -> ShapeResult:
+    first = shapes[0]
+    call = _render_call("stack", STACK_PARAMS, kw)
+    d = norm_dim(kw["dim"], len(first) + 1)
+    if d is None:
+        return dim_error(call, kw["dim"], first, extra=1)
+    for other in shapes[1:]:
+        if len(other) != len(first) or any(differ(a, b) for a, b in zip(first, other)):
+            return f"`{call}` needs inputs of equal shapes, got {render_shape(first)} and {render_shape(other)}"
+    return first[:d] + (len(shapes),) + first[d:]
+
+
+def _split(shapes: list[Shape], kw: dict) -> ShapeResult:
+    (x,) = shapes
+    call = _render_call("split", SPLIT_PARAMS, kw)
+    d = norm_dim(kw["dim"], len(x))
+    if d is None:
+        return dim_error(call, kw["dim"], x)
+    sizes = kw["sizes"]
+    size = x[d]
+    if isinstance(sizes, int) and not isinstance(sizes, bool):
+        if sizes < 1:
+            return f"`{call}` needs a piece size of at least 1, got {sizes}"
+        if not isinstance(size, int):
+            return (
+                f"`{call}` splits into pieces of {sizes}: dimension {kw['dim']} must be a known size, "
+                f"got {render_shape(x)}"
+            )
+        pieces = [min(sizes, size - start) for start in range(0, size, sizes)]
+    elif isinstance(sizes, (list, tuple)) and all(isinstance(s, int) and not isinstance(s, bool) for s in sizes):
+        pieces = list(sizes)
+        if differ(sum(pieces), size):
+            return f"`{call}` needs sizes adding up to dimension {kw['dim']} of {render_shape(x)}, got {sum(pieces)}"
+    else:
+        return f"`split` argument `sizes` must be an int or a list of ints, got {render_value(sizes)}"
+    return [x[:d] + (p,) + x[d + 1 :] for p in pieces]
+
+
+def _chunk(shapes: list[Shape], kw: dict) -> ShapeResult:
+    (x,) = shapes
+    call = _render_call("chunk", CHUNK_PARAMS, kw)
+    d = norm_dim(kw["dim"], len(x))
+    if d is None:
+        return dim_error(call, kw["dim"], x)
+    n, size = kw["n"], x[d]
+    if n < 1:
+        return f"`{call}` needs at least 1 chunk, got {n}"
+    if isinstance(size, int):
+        if size % n:
+            return f"`{call}` needs dimension {kw['dim']} divisible by {n}, got {render_shape(x)}"
+        piece: Any = size // n
+    elif n == 1 or size == UNKNOWN:
+        piece = size
+    else:
+        piece = f"({size}) // {n}" if " " in size else f"{size} // {n}"
+    return [x[:d] + (piece,) + x[d + 1 :]] * n
+
+
+def _flatten(shapes: list[Shape], kw: dict) -> ShapeResult:
+    (x,) = shapes
+    call = _render_call("flatten", FLATTEN_PARAMS, kw)
+    if not x:
+        return (1,)
+    a, b = norm_dim(kw["start"], len(x)), norm_dim(kw["end"], len(x))
+    if a is None:
+        return dim_error(call, kw["start"], x)
+    if b is None:
+        return dim_error(call, kw["end"], x)
+    if a > b:
+        return f"`{call}` needs start ≤ end, got dimensions {a} and {b} of {render_shape(x)}"
+    return x[:a] + (product(x[a : b + 1]),) + x[b + 1 :]
+
+
+def _unsqueeze(shapes: list[Shape], kw: dict) -> ShapeResult:
+    (x,) = shapes
+    d = norm_dim(kw["dim"], len(x) + 1)
+    if d is None:
+        return dim_error(_render_call("unsqueeze", DIM_REQUIRED, kw), kw["dim"], x, extra=1)
+    return x[:d] + (1,) + x[d:]
+
+
+def _squeeze(x: Shape, d: int, kw: dict) -> ShapeResult:
+    if differ(x[d], 1):
+        return f"`squeeze({kw['dim']})` needs dimension {kw['dim']} to be 1, got {render_shape(x)}"
+    return x[:d] + x[d + 1 :]
+
+
+def _filled_shape(shapes: list[Shape], kw: dict) -> ShapeResult:
+    return tuple(kw["shape"])
+
+
+def _topk(name: str):
+    def keep(x: Shape, d: int, kw: dict) -> ShapeResult:
+        k = kw["k"]
+        if k < 1 or (isinstance(x[d], int) and k > x[d]):
+            return f"`{name}({k})` needs 1 ≤ k ≤ {x[d]} along dimension {kw['dim']} of {render_shape(x)}, got {k}"
+        return x[:d] + (k,) + x[d + 1 :]
+
+    return keep
+
+
+def _gather(shapes: list[Shape], kw: dict) -> ShapeResult:
+    x, index = shapes
+    call = _render_call("gather", DIM_REQUIRED, kw)
+    d = norm_dim(kw["dim"], len(x))
+    if d is None:
+        return dim_error(call, kw["dim"], x)
+    if len(index) != len(x):
+        return f"`{call}` needs an index of the same rank as {render_shape(x)}, got {render_shape(index)}"
+    return index
+
+
+def _unpermute(shapes: list[Shape], kw: dict) -> ShapeResult:
+    y, perm = shapes
+    d = norm_dim(kw["dim"], len(y))
+    if d is None:
+        return dim_error(_render_call("unpermute", DIM_1, kw), kw["dim"], y)
+    if len(perm) != 1 or differ(perm[0], y[d]):
+        return f"`unpermute({kw['dim']})` needs a permutation [{y[d]}], got {render_shape(perm)}"
+    return y
+
+
+def _narrow(x: Shape, d: int, kw: dict) -> ShapeResult:
+    start, length = kw["start"], kw["length"]
+    if start < 0 or length < 0 or (isinstance(x[d], int) and start + length > x[d]):
+        return f"`narrow({kw['dim']}, {start}, {length})` is out of range for {render_shape(x)}"
+    return x[:d] + (length,) + x[d + 1 :]
+
+
+def _one_hot(shapes: list[Shape], kw: dict) -> ShapeResult:
+    if kw["num"] < 1:
+        return f"`one_hot` argument `num` must be at least 1, got {kw['num']}"
+    return shapes[0] + (kw["num"],)
+
+
+DIM_LAST = (Param("dim", "int", -1),)
+DIM_1 = (Param("dim", "int", 1),)
+DIM_REQUIRED = (Param("dim", "int"),)
+REDUCE_PARAMS = (Param("dim", "int"), Param("keepdim", "bool", False))
+RESHAPE_PARAMS = (Param("shape", "any", doc="sizes, symbols or -1 (one inferred size)", variadic=True),)
+TRANSPOSE_PARAMS = (Param("a", "int"), Param("b", "int"))
+PERMUTE_PARAMS = (Param("dims", "int", doc="the new order of the dimensions", variadic=True),)
+CONCAT_PARAMS = DIM_LAST
+STACK_PARAMS = (Param("dim", "int", 0),)
+SPLIT_PARAMS = (Param("sizes", "any", doc="a piece size, or a list of sizes"), Param("dim", "int", -1))
+CHUNK_PARAMS = (Param("n", "int"), Param("dim", "int", -1))
+FLATTEN_PARAMS = (Param("start", "int", 0), Param("end", "int", -1))
+SHAPE_PARAMS = (Param("shape", "shape"),)
+TOPK_PARAMS = (Param("k", "int"), Param("dim", "int", -1))
+
+
+def _pointwise(name: str, fn: Callable[[torch.Tensor], torch.Tensor], doc: str) -> FuncDef:
+    return FuncDef(name, (), fn, _same, doc)
+
+
+def _with_dim(name, params, fn, keep, doc, **extra) -> FuncDef:
+    return FuncDef(name, params, fn, _dim_rule(name, params, keep), doc, **extra)
+
+
+def _keep(x: Shape, d: int, kw: dict) -> ShapeResult:
+    return x
+
+
+FUNCS: dict[str, FuncDef] = {
+    f.name: f
+    for f in (
+        _pointwise("gelu", F.gelu, "Gaussian error linear unit (exact erf form)"),
+        _pointwise("silu", F.silu, "x * sigmoid(x)"),
+        _pointwise("relu", F.relu, "max(x, 0)"),
+        _pointwise("tanh", torch.tanh, "hyperbolic tangent"),
+        _pointwise("sigmoid", torch.sigmoid, "1 / (1 + exp(-x))"),
+        _pointwise("exp", torch.exp, "e ** x"),
+        _pointwise("log", torch.log, "natural logarithm"),
+        _pointwise("abs", torch.abs, "|x|"),
+        _pointwise("softplus", F.softplus, "log(1 + exp(x))"),
+        _pointwise("detach", torch.Tensor.detach, "the same values without gradient"),
+        _pointwise("identity", lambda x: x, "returns its input"),
+        _with_dim("softmax", DIM_LAST, lambda x, dim=-1: torch.softmax(x, dim), _keep, "softmax along dim"),
+        _with_dim(
+            "log_softmax", DIM_LAST, lambda x, dim=-1: torch.log_softmax(x, dim), _keep, "log of softmax along dim"
+        ),
+        _with_dim(
+            "mean", REDUCE_PARAMS, lambda x, dim, keepdim=False: x.mean(dim, keepdim), _reduced, "mean along dim"
+        ),
+        _with_dim("sum", REDUCE_PARAMS, lambda x, dim, keepdim=False: x.sum(dim, keepdim), _reduced, "sum along dim"),
+        _with_dim(
+            "max",
+            REDUCE_PARAMS,
+            lambda x, dim, keepdim=False: x.max(dim, keepdim).values,
+            _reduced,
+            "largest value along dim (values only)",
+        ),
+        _with_dim(
+            "min",
+            REDUCE_PARAMS,
+            lambda x, dim, keepdim=False: x.min(dim, keepdim).values,
+            _reduced,
+            "smallest value along dim (values only)",
+        ),
+        _with_dim(
+            "argmax",
+            REDUCE_PARAMS,
+            lambda x, dim, keepdim=False: x.argmax(dim, keepdim),
+            _reduced,
+            "index of the largest value along dim (long)",
+        ),
+        _with_dim("flip", DIM_REQUIRED, lambda x, dim: x.flip(dim), _keep, "reverses the order along dim"),
+        FuncDef("reshape", RESHAPE_PARAMS, lambda x, shape: x.reshape(shape), _reshape, "same elements, new shape"),
+        FuncDef(
+            "transpose", TRANSPOSE_PARAMS, lambda x, a, b: x.transpose(a, b), _transpose, "swaps dimensions a and b"
+        ),
+        FuncDef("permute", PERMUTE_PARAMS, lambda x, dims: x.permute(dims), _permute, "reorders the dimensions"),
+        _with_dim(
+            "shuffle",
+            DIM_1,
+            token_shuffle,
+            lambda x, d, kw: [x, (x[d],)],
+            "random order along dim: (y, perm); the compiler's permute(dim, random)",
+            outputs=2,
+        ),
+        FuncDef(
+            "unpermute",
+            DIM_1,
+            token_unshuffle,
+            _unpermute,
+            "undoes shuffle: (y, perm) → x in the original order",
+            arity=2,
+        ),
+        FuncDef("concat", CONCAT_PARAMS, concat, _concat, "joins a list of tensors along dim", arity=VARIADIC),
+        FuncDef("stack", STACK_PARAMS, stack, _stack, "stacks a list of tensors along a new dim", arity=VARIADIC),
+        FuncDef(
+            "split",
+            SPLIT_PARAMS,
+            lambda x, sizes, dim=-1: torch.split(x, sizes, dim),
+            _split,
+            "pieces along dim, of one size (the last may be shorter) or of the listed sizes",
+            outputs=0,
+        ),
+        FuncDef(
+            "chunk",
+            CHUNK_PARAMS,
+            lambda x, n, dim=-1: torch.chunk(x, n, dim),
+            _chunk,
+            "n equal pieces along dim",
+            outputs=0,
+        ),
+        FuncDef(
+            "flatten",
+            FLATTEN_PARAMS,
+            lambda x, start=0, end=-1: x.flatten(start, end),
+            _flatten,
+            "merges dimensions start … end",
+        ),
+        FuncDef(
+            "unsqueeze", DIM_REQUIRED, lambda x, dim: x.unsqueeze(dim), _unsqueeze, "inserts a dimension of size 1"
+        ),
+        _with_dim("squeeze", DIM_REQUIRED, lambda x, dim: x.squeeze(dim), _squeeze, "removes a dimension of size 1"),
+        FuncDef(
+            "zeros",
+            SHAPE_PARAMS,
+            _filled(0.0),
+            _filled_shape,
+            "zeros of shape (on the device and dtype of an optional tensor input)",
+            arity=1,
+            min_arity=0,
+        ),
+        FuncDef(
+            "ones",
+            SHAPE_PARAMS,
+            _filled(1.0),
+            _filled_shape,
+            "ones of shape (on the device and dtype of an optional tensor input)",
+            arity=1,
+            min_arity=0,
+        ),
+        _with_dim("confidence", DIM_LAST, confidence, _reduced, "max softmax probability along dim"),
+        _with_dim("entropy", DIM_LAST, entropy, _reduced, "entropy −Σ p log p of softmax along dim"),
+        _with_dim(
+            "topk_values",
+            TOPK_PARAMS,
+            lambda x, k, dim=-1: x.topk(k, dim).values,
+            _topk("topk_values"),
+            "the k largest values along dim, largest first",
+        ),
+        _with_dim(
+            "topk_indices",
+            TOPK_PARAMS,
+            lambda x, k, dim=-1: x.topk(k, dim).indices,
+            _topk("topk_indices"),
+            "indices of the k largest values along dim, largest first",
+        ),
+        FuncDef(
+            "gather",
+            DIM_REQUIRED,
+            lambda x, index, dim: x.gather(dim, index),
+            _gather,
+            "x.gather(dim, index): picks along dim by a long index of the same rank",
+            arity=2,
+        ),
+        _with_dim(
+            "narrow",
+            (Param("dim", "int"), Param("start", "int"), Param("length", "int")),
+            lambda x, dim, start, length: x.narrow(dim, start, length),
+            _narrow,
+            "the slice start … start + length along dim",
+        ),
+        FuncDef(
+            "one_hot",
+            (Param("num", "int"),),
+            lambda ids, num: F.one_hot(ids, num),
+            _one_hot,
+            "long ids [...] → one-hot [..., num] (long)",
+        ),
+    )
+}
