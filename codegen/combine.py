@@ -18,6 +18,7 @@ that share a weight (and over broadcast dimensions) to give `dweights`.
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 import triton
@@ -27,6 +28,20 @@ from torch import Tensor
 from .backend import reference_vjp, use_triton
 
 __all__ = ["gated_combine", "gated_combine_reference"]
+
+
+def _empty(shape, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """A launcher's output buffer. Tests set ROUTEC_POISON=1 to fill it first (NaN, -1, or 0xFF for bool)
+    so that a kernel that misses an element fails the comparison with the reference."""
+    out = torch.empty(shape, dtype=dtype, device=device)
+    if os.environ.get("ROUTEC_POISON", "") == "1":
+        if out.dtype.is_floating_point:
+            out.fill_(float("nan"))
+        elif out.dtype == torch.bool:
+            out.view(torch.uint8).fill_(255)
+        else:
+            out.fill_(-1)
+    return out
 
 
 def _check(paths: Tensor, weights: Tensor) -> None:
@@ -140,7 +155,7 @@ def gated_combine_forward(paths: Tensor, weights: Tensor, *, out: Tensor | None 
     paths_c = paths.contiguous()
     w_table, rows_per_w = _kernel_weights(paths, weights)
     dtype = torch.promote_types(paths.dtype, weights.dtype)
-    y = torch.empty(paths.shape[1:], dtype=dtype, device=paths.device) if out is None else out
+    y = _empty(paths.shape[1:], dtype, paths.device) if out is None else out
     if M * D == 0:
         return y
     block_m, block_d = _block_sizes(D)
@@ -158,8 +173,8 @@ def gated_combine_backward(
     M = math.prod(inner)
     paths_c, dy_c = paths.contiguous(), dy.contiguous()
     w_table, rows_per_w = _kernel_weights(paths, weights)
-    dpaths = torch.empty_like(paths_c) if dpaths_out is None else dpaths_out
-    dw_rows = torch.empty((M, P), dtype=torch.float32, device=paths.device)  # [M, P]
+    dpaths = _empty(paths.shape, paths.dtype, paths.device) if dpaths_out is None else dpaths_out
+    dw_rows = _empty((M, P), torch.float32, paths.device)  # [M, P]
     if M * D > 0:
         block_m, block_d = _block_sizes(D)
         grid = (triton.cdiv(M, block_m), P)

@@ -33,6 +33,7 @@ compute-bound (DESIGN §6).
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 import triton
@@ -51,6 +52,20 @@ __all__ = [
     "scatter_rows_reference",
     "should_compact",
 ]
+
+
+def _empty(shape, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """A launcher's output buffer. Tests set ROUTEC_POISON=1 to fill it first (NaN, -1, or 0xFF for bool)
+    so that a kernel that misses an element fails the comparison with the reference."""
+    out = torch.empty(shape, dtype=dtype, device=device)
+    if os.environ.get("ROUTEC_POISON", "") == "1":
+        if out.dtype.is_floating_point:
+            out.fill_(float("nan"))
+        elif out.dtype == torch.bool:
+            out.view(torch.uint8).fill_(255)
+        else:
+            out.fill_(-1)
+    return out
 
 
 def compact_reference(keep: Tensor) -> tuple[Tensor, Tensor]:
@@ -184,8 +199,8 @@ def _tiles(F: int) -> tuple[int, int]:
 def compact_forward(keep: Tensor, *, perm_out: Tensor | None = None, block: int = 1024) -> tuple[Tensor, Tensor]:
     """Launch the compaction kernel (one program). `perm_out` lets a test pass a poisoned buffer."""
     n = keep.shape[0]
-    perm = torch.empty(n, dtype=torch.int64, device=keep.device) if perm_out is None else perm_out
-    count = torch.empty(1, dtype=torch.int64, device=keep.device)
+    perm = _empty(n, torch.int64, keep.device) if perm_out is None else perm_out
+    count = _empty(1, torch.int64, keep.device)
     _compact_kernel[(1,)](keep.contiguous().view(torch.uint8), perm, count, n, BLOCK=block)
     return perm, count
 
@@ -195,7 +210,7 @@ def gather_rows_forward(
 ) -> Tensor:
     """Launch the gather kernel: [capacity, ...] packed rows (zero past the count)."""
     n, feat = x.shape[0], math.prod(x.shape[1:])
-    out = x.new_empty((capacity, *x.shape[1:])) if out is None else out
+    out = _empty((capacity, *x.shape[1:]), x.dtype, x.device) if out is None else out
     if capacity * feat == 0:
         return out
     block_r, block_f = _tiles(feat)
@@ -219,7 +234,7 @@ def scatter_rows_forward(
     ref = base if base is not None else like
     capacity = packed.shape[0] if packed is not None else capacity
     n, feat = ref.shape[0], math.prod(ref.shape[1:])
-    out = torch.empty_like(ref, memory_format=torch.contiguous_format) if out is None else out
+    out = _empty(ref.shape, ref.dtype, ref.device) if out is None else out
     if n * feat == 0:
         return out
     block_r, block_f = _tiles(feat)

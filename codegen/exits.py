@@ -29,6 +29,7 @@ exit's rows; the backward writes the gradient into the selected exit and zeros e
 
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 import torch
@@ -51,6 +52,20 @@ __all__ = [
 
 RULES = ("confidence", "entropy")
 MAX_FUSED_CLASSES = 1024
+
+
+def _empty(shape, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """A launcher's output buffer. Tests set ROUTEC_POISON=1 to fill it first (NaN, -1, or 0xFF for bool)
+    so that a kernel that misses an element fails the comparison with the reference."""
+    out = torch.empty(shape, dtype=dtype, device=device)
+    if os.environ.get("ROUTEC_POISON", "") == "1":
+        if out.dtype.is_floating_point:
+            out.fill_(float("nan"))
+        elif out.dtype == torch.bool:
+            out.view(torch.uint8).fill_(255)
+        else:
+            out.fill_(-1)
+    return out
 
 
 def _check_rule(rule: str) -> None:
@@ -111,7 +126,7 @@ def _row_stats(logits_ptr, rows64, row_ok, C, ENTROPY: tl.constexpr, BLOCK_N: tl
             s = alpha * (s + z * shift) + tl.sum(tl.where(e > 0, e * (lg - m_safe[:, None]), 0.0), axis=1)
         z = alpha * z + tl.sum(e, axis=1)
         m = m_new
-    return m, z, s
+    return m, tl.where(row_ok, z, 1.0), s  # rows past N: keep 1/Z and log Z finite
 
 
 @triton.jit
@@ -294,7 +309,7 @@ def _check_logits(name: str, logits: Tensor) -> None:
 def exit_scores_forward(logits: Tensor, rule: str, *, out: Tensor | None = None) -> Tensor:
     """Launch the score kernel; the score has the dtype of the logits."""
     n, c = logits.shape
-    score = logits.new_empty(n) if out is None else out
+    score = _empty(n, logits.dtype, logits.device) if out is None else out
     if n == 0:
         return score
     block_n, block_c = _row_tiles(c)
@@ -306,7 +321,7 @@ def exit_scores_forward(logits: Tensor, rule: str, *, out: Tensor | None = None)
 
 def exit_scores_backward(logits: Tensor, dscore: Tensor, rule: str, *, out: Tensor | None = None) -> Tensor:
     n, c = logits.shape
-    dlogits = torch.empty_like(logits, memory_format=torch.contiguous_format) if out is None else out
+    dlogits = _empty(logits.shape, logits.dtype, logits.device) if out is None else out
     if n == 0:
         return dlogits
     block_n, block_c = _row_tiles(c)
@@ -341,9 +356,9 @@ def linear_exit_forward(
         score = exit_scores_forward(logits, rule)
         return logits, score, _decide(score, rule, threshold)
     if outs is None:
-        logits = x.new_empty((n, c), dtype=dtype)
-        score = x.new_empty((n,), dtype=dtype)
-        leave = x.new_empty((n,), dtype=torch.bool)
+        logits = _empty((n, c), dtype, x.device)
+        score = _empty((n,), dtype, x.device)
+        leave = _empty((n,), torch.bool, x.device)
     else:
         logits, score, leave = outs
     if n == 0:
@@ -377,8 +392,8 @@ def select_first_exit_forward(
     logits_stack: Tensor, masks: Tensor, *, out: Tensor | None = None
 ) -> tuple[Tensor, Tensor]:
     n_exits, n, c = logits_stack.shape
-    result = logits_stack.new_empty((n, c)) if out is None else out
-    index = torch.empty(n, dtype=torch.int64, device=logits_stack.device)
+    result = _empty((n, c), logits_stack.dtype, logits_stack.device) if out is None else out
+    index = _empty(n, torch.int64, logits_stack.device)
     if n == 0:
         return result, index
     block_n, block_c = _row_tiles(c)
@@ -398,7 +413,7 @@ def select_first_exit_forward(
 
 def select_first_exit_backward(dout: Tensor, index: Tensor, n_exits: int) -> Tensor:
     n, c = dout.shape
-    dstack = dout.new_empty((n_exits, n, c))
+    dstack = _empty((n_exits, n, c), dout.dtype, dout.device)
     if n * c == 0:
         return dstack.zero_()
     block_n, block_c = _row_tiles(c)
