@@ -141,7 +141,7 @@ def _reshape(shapes: list[Shape], kw: dict) -> ShapeResult:
         if not fits:
             return f"`{call}` cannot reshape {render_shape(x)} ({have} elements) into {render_shape(target)}"
         if -1 in target:
-            return tuple(have // want if want else 0 if t == -1 else t for t in target)
+            return tuple(have // want if t == -1 else t for t in target)
         return tuple(target)
     if -1 not in target:
         return tuple(target)
