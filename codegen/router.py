@@ -190,7 +190,7 @@ def _expert_sort_kernel(
     idx_ptr, w_ptr, psum_ptr,  # idx, w: [A] flat (A = T*K); psum: [NB, E]
     counts_ptr, offsets_ptr, order_ptr, kept_ptr, aux_ptr,  # [E], [E+1], [A], [A], []
     A, E, NB, T, capacity,
-    K: tl.constexpr, HAS_CAPACITY: tl.constexpr, HAS_AUX: tl.constexpr,
+    K: tl.constexpr, HAS_CAPACITY: tl.constexpr, DROP_WEIGHTS: tl.constexpr, HAS_AUX: tl.constexpr,
     BLOCK_A: tl.constexpr, BLOCK_E: tl.constexpr,
 ):
     """Stable counting sort of the A assignments by expert, in a single program (see the module docstring)."""
@@ -227,10 +227,11 @@ def _expert_sort_kernel(
         tl.store(order_ptr + start + rank, a.to(tl.int64), mask=a_ok)
         if HAS_CAPACITY:
             keep = rank < capacity
-            w = tl.load(w_ptr + a, mask=a_ok, other=0.0)
-            tl.store(w_ptr + a, tl.where(keep, w, 0.0).to(w_ptr.dtype.element_ty), mask=a_ok)
         else:
             keep = rank >= 0
+        if DROP_WEIGHTS:
+            w = tl.load(w_ptr + a, mask=a_ok, other=0.0)
+            tl.store(w_ptr + a, tl.where(keep, w, 0.0).to(w_ptr.dtype.element_ty), mask=a_ok)
         tl.store(kept_ptr + a, keep, mask=a_ok)
         seen += tl.sum(onehot, 0)
 
@@ -354,7 +355,8 @@ def sort_by_expert(
         indices, indices if weights is None else weights, counts if psum is None else psum,
         counts, offsets, order, kept, counts if aux is None else aux,
         A, E, 0 if psum is None else psum.shape[0], T, 0 if capacity is None else capacity,
-        K=K, HAS_CAPACITY=capacity is not None, HAS_AUX=psum is not None,
+        K=K, HAS_CAPACITY=capacity is not None, DROP_WEIGHTS=capacity is not None and weights is not None,
+        HAS_AUX=psum is not None,
         BLOCK_A=block_a, BLOCK_E=block_e, num_warps=8 if not interpreting() else 4,
     )
     return counts, offsets, order, kept
