@@ -467,7 +467,7 @@ def test_token_shuffle_roundtrip():
         ("reshape", [4, -1], [(2, 3)], "`reshape(4, -1)` cannot reshape [2, 3] (6 elements) into [4, -1]"),
         ("reshape", [-1, -1], [(2, 3)], "`reshape(-1, -1)` can infer at most one dimension (-1), got [-1, -1]"),
         ("concat", [-1], [("B", 4, 4), ("B", 5, 4)], "`concat(-1)` needs inputs of equal shapes outside dimension -1, got [B, 4, 4] and [B, 5, 4]"),
-        ("stack", [], [("B", 4), ("B", 3)], "`stack()` needs inputs of equal shapes, got [B, 4] and [B, 3]"),
+        ("stack", [], [("B", 4), ("B", 3)], "`stack(0)` needs inputs of equal shapes, got [B, 4] and [B, 3]"),
         ("permute", [0, 2], [("B", "T", 4)], "`permute(0, 2)` needs an order of all 3 dimensions of [B, T, 4], each once"),
         ("split", [[1, 2]], [("B", 4)], "`split([1, 2])` needs sizes adding up to dimension -1 of [B, 4], got 3"),
         ("chunk", [3], [("B", 4)], "`chunk(3)` needs dimension -1 divisible by 3, got [B, 4]"),

@@ -84,7 +84,7 @@ def _filled(value: float) -> Callable[..., torch.Tensor]:
 
 
 def _render_call(name: str, params: tuple[Param, ...], kw: dict) -> str:
-    """`mean(1)`, `reshape(B, -1, 4)`: the arguments up to the last one that is not its default."""
+    """`mean(1)`, `reshape(B, -1, 4)`: the first argument, then up to the last one that is not its default."""
     shown: list[str] = []
     pending: list[str] = []
     for p in params:
@@ -94,7 +94,7 @@ def _render_call(name: str, params: tuple[Param, ...], kw: dict) -> str:
         else:
             text = [render_value(value)]
         pending.extend(text)
-        if p.required or value != p.default:
+        if p.required or value != p.default or p is params[0]:
             shown.extend(pending)
             pending = []
     return f"{name}({', '.join(shown)})"
