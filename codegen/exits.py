@@ -123,10 +123,10 @@ def _row_stats(logits_ptr, rows64, row_ok, C, ENTROPY: tl.constexpr, BLOCK_N: tl
         e = tl.exp(lg - m_safe[:, None])  # [BN, BC], 0 where masked
         if ENTROPY:
             shift = tl.where(z > 0, m - m_safe, 0.0)
-            s = alpha * (s + z * shift) + tl.sum(tl.where(e > 0, e * (lg - m_safe[:, None]), 0.0), axis=1)
+            s = alpha * (s + z * shift) + tl.sum(e * tl.where(e > 0, lg - m_safe[:, None], 0.0), axis=1)
         z = alpha * z + tl.sum(e, axis=1)
         m = m_new
-    return m, tl.where(row_ok, z, 1.0), s  # rows past N: keep 1/Z and log Z finite
+    return tl.where(row_ok, m, 0.0), tl.where(row_ok, z, 1.0), s  # rows past N: keep the stats finite
 
 
 @triton.jit
@@ -178,7 +178,7 @@ def _exit_scores_bwd_kernel(
         logp = lg - m[:, None] - log_z[:, None]
         p = tl.exp(logp)
         if ENTROPY:
-            grad = -g[:, None] * tl.where(p > 0, p * (logp + entropy[:, None]), 0.0)
+            grad = -g[:, None] * p * tl.where(p > 0, logp + entropy[:, None], 0.0)
         else:
             onehot = tl.where(lg == m[:, None], 1.0, 0.0)
             grad = (g / z)[:, None] * (onehot - p)
@@ -230,7 +230,7 @@ def _linear_exit_kernel(
     e = tl.exp(lg - m[:, None])
     z = tl.sum(e, axis=1)
     if ENTROPY:
-        s = tl.sum(tl.where(e > 0, e * (lg - m[:, None]), 0.0), axis=1)
+        s = tl.sum(e * tl.where(e > 0, lg - m[:, None], 0.0), axis=1)
         score = tl.log(z) - s / z
         leave = score <= threshold
     else:
