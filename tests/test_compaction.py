@@ -196,6 +196,9 @@ def test_opcheck_compaction_ops(reference_backend):
 def test_bucket_capacity():
     assert [bucket_capacity(n, 8192) for n in (0, 1, 17, 256, 257, 5000, 8192)] == [1, 1, 32, 256, 512, 8192, 8192]
     assert bucket_capacity(90, 100) == 100
+    assert [bucket_capacity(n, 8192, steps_per_octave=16) for n in (7700, 4097, 4096, 17, 1)] == [8192, 4608, 4096, 18, 1]
+    with pytest.raises(ValueError, match="power of two"):
+        bucket_capacity(5, 10, steps_per_octave=3)
 
 
 def test_policy(monkeypatch):
