@@ -22,8 +22,9 @@ from routec.compiler.mamba import MambaMixer
 
 
 def _concrete(shape):
+    """Sizes for symbolic dims; expressions such as `L - 1` are evaluated with them."""
     sizes = {"B": 2, "T": 5, "L": 5, "H": 8, "W": 8}
-    return tuple(sizes.get(d, d) for d in shape)
+    return tuple(d if isinstance(d, int) else eval(d, {}, sizes) for d in shape)
 
 
 # (layer, args, kwargs, input shapes, expected output shape with B=2, L=T=5; H=W=8 for images)
@@ -33,6 +34,7 @@ LAYER_CASES = [
     ("Conv1d", [6, 4, 3], {}, [("B", 7, 6)], ("B", 5, 4)),
     ("Conv1d", [6, 4, 3], {"stride": 2, "padding": 1, "groups": 2}, [("B", 7, 6)], ("B", 4, 4)),
     ("Conv1d", [6, 4, 3], {"padding": 1}, [("B", "L", 6)], ("B", "L", 4)),
+    ("Conv1d", [6, 4, 2], {}, [("B", "L", 6)], ("B", "L - 1", 4)),
     ("CausalConv1d", [6], {}, [("B", "L", 6)], ("B", "L", 6)),
     ("Conv2d", [3, 5, 3], {"padding": 1}, [("B", 3, "H", "W")], ("B", 5, "H", "W")),
     ("Conv2d", [3, 5, 3], {"stride": 2}, [("B", 3, 9, 7)], ("B", 5, 4, 3)),
@@ -302,7 +304,8 @@ def test_mamba_mixer_compiles_fullgraph(monkeypatch):
         ("Conv2d", [3, 8, 3], {}, [("B", 4, 32, 32)], "`Conv2d(3, …)` expects dimension 1 (channels) to be 3, got [B, 4, 32, 32]"),
         ("LayerNorm", [64], {}, [("B", "T", 32)], "`LayerNorm(64, …)` expects the last dimension to be 64, got [B, T, 32]"),
         ("PatchEmbed", [3, 64], {}, [("B", 3, 8, 8)], "`PatchEmbed(3, …)` needs an image of at least 16×16 for patch=16, got [B, 3, 8, 8]"),
-        ("PosEmbed", [64], {}, [("B", "T", 64)], '`PosEmbed(64, …)` needs `length` for a learned embedding (or kind="sincos")'),
+        ("PosEmbed", [64], {}, [("B", "T", 64)], '`PosEmbed(64, …)` needs `length`, the number of learned positions (or kind="sincos")'),
+        ("PosEmbed", [64], {}, [("B", 196, 64)], '`PosEmbed(64, …)` needs length=196 for [B, 196, 64], the number of learned positions (or kind="sincos")'),
         ("PosEmbed", [64, 16], {}, [("B", 32, 64)], "`PosEmbed(64, 16, …)` has positions for 16 tokens, got [B, 32, 64]"),
         ("SelfAttention", [64, 5], {}, [("B", "T", 64)], "`SelfAttention(64, 5, …)` needs d divisible by heads, got d=64 and heads=5"),
         ("CrossAttention", [64, 4], {}, [("B", "T", 64)], "`CrossAttention(64, …)` takes 2 inputs, got 1"),
@@ -322,11 +325,10 @@ def test_check_messages(name, args, kwargs, in_shapes, message):
 
 def test_symbolic_dims_are_never_assumed_different():
     assert LAYERS["Linear"].check({"in_features": 512, "out_features": 3}, [("B", "T", "d")]) is None
-    assert LAYERS["Conv1d"].out_shape({"in_channels": 4, "out_channels": 4, "kernel": 3}, [("B", "L", 4)]) == (
-        "B",
-        "?",
-        4,
-    )
+    conv = {"in_channels": 4, "out_channels": 4, "kernel": 3}
+    assert LAYERS["Conv1d"].out_shape(conv, [("B", "L", 4)]) == ("B", "L - 2", 4)
+    assert LAYERS["Conv1d"].out_shape({**conv, "padding": 2}, [("B", "L", 4)]) == ("B", "L + 2", 4)
+    assert LAYERS["Conv1d"].out_shape({**conv, "stride": 2}, [("B", "L", 4)]) == ("B", "?", 4)
 
 
 @pytest.mark.parametrize(
@@ -474,7 +476,7 @@ def test_token_shuffle_roundtrip():
         ("squeeze", [1], [("B", 4)], "`squeeze(1)` needs dimension 1 to be 1, got [B, 4]"),
         ("topk_values", [6], [("B", 5)], "`topk_values(6)` needs 1 ≤ k ≤ 5 along dimension -1 of [B, 5], got 6"),
         ("transpose", [0, 3], [("B", 4)], "`transpose(0, 3)`: dimension 3 is out of range for [B, 4] (valid: -2 to 1)"),
-        ("gelu", [], [("B", 4), ("B", 4)], "`gelu()` takes 1 input, got 2"),
+        ("gelu", [], [("B", 4), ("B", 4)], "`gelu` takes 1 input, got 2"),
     ],
 )
 def test_function_messages(name, args, in_shapes, message):

@@ -191,6 +191,7 @@ class LSTMCell(nn.LSTMCell):
         if h is None and c is None:
             return super().forward(x)
         if h is None:
+            assert c is not None
             h = torch.zeros_like(c)
         if c is None:
             c = torch.zeros_like(h)
@@ -326,7 +327,8 @@ def _pos_embed(kw: dict, shapes: list[Shape]) -> ShapeResult:
     if kw["kind"] not in ("learned", "sincos"):
         return f'`PosEmbed` argument `kind` must be "learned" or "sincos", got "{kw["kind"]}"'
     if kw["kind"] == "learned" and kw["length"] < 1:
-        return f'`{render_call(POS_EMBED, kw)}` needs `length` for a learned embedding (or kind="sincos")'
+        hint = f"length={x[1]} for {render_shape(x)}, " if len(x) == 3 and isinstance(x[1], int) else "`length`, "
+        return f'`{render_call(POS_EMBED, kw)}` needs {hint}the number of learned positions (or kind="sincos")'
     err = _rank_error(POS_EMBED, kw, x, 3, "[B, L, d]") or _last_dim_error(POS_EMBED, kw, x, kw["d"])
     if err:
         return err

@@ -265,6 +265,8 @@ def render_shape(shape: Sequence[Dim]) -> str:
 
 def render_call(defn: Definition, kwargs: dict[str, Any], shown: int = 1) -> str:
     """The call as the user would write it, its first `shown` arguments spelled out: `Linear(512, …)`."""
+    if not defn.params:
+        return defn.name
     values = [render_value(kwargs.get(p.name)) for p in defn.params[:shown] if not p.variadic]
     if len(defn.params) > len(values):
         values.append("…")
@@ -327,9 +329,12 @@ def total(dims: Sequence[Dim]) -> Dim:
 
 
 def conv_length(size: Dim, kernel: int, stride: int, padding: int) -> Dim:
-    """Output length of a convolution; symbolic sizes only when the length is provably unchanged."""
+    """Output length of a convolution: an int, `L - 2` for a symbolic length at stride 1, else `?`."""
     if _is_int(size):
         return (int(size) + 2 * padding - kernel) // stride + 1
-    if stride == 1 and 2 * padding == kernel - 1:
+    if stride != 1 or size == UNKNOWN:
+        return UNKNOWN
+    change = 2 * padding - kernel + 1
+    if change == 0:
         return size
-    return UNKNOWN
+    return f"{_atom(size)} + {change}" if change > 0 else f"{_atom(size)} - {-change}"
