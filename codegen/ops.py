@@ -16,3 +16,4 @@ from .exits import exit_scores, linear_exit, select_first_exit
 from .rnn import gru_scan, leaky_rnn_scan, lstm_scan
 from .router import RouterOutput, route_tokens, topk_gate
 from .moe import moe_ffn
+from .multiscan import multi_route_linear_scan, multi_route_selective_scan, route_table
