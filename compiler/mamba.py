@@ -80,20 +80,13 @@ class MambaMixer(nn.Module):
         length = hidden.shape[1]
         x, z = self.in_proj(hidden).chunk(2, dim=-1)  # [B, L, inner] each
         x = self.conv1d(x.transpose(1, 2))[..., :length]  # [B, inner, L]: the causal part of a padded conv
+        # Contiguous like the scan's output, so that compiled graphs see the strides the kernel produces.
         u = F.silu(x).transpose(1, 2).contiguous()  # [B, L, inner]
-        dt, B, C = self.x_proj(u).split([self.dt_rank, self.state, self.state], dim=-1)
+        dt, B, C = self.x_proj(u).split([self.dt_rank, self.state, self.state], dim=-1)  # B, C: [B, L, state]
         delta = F.linear(dt, self.dt_proj.weight)  # [B, L, inner]; the bias is added inside the scan
         A = -torch.exp(self.A_log.float())  # [inner, state]
         y = ops.selective_scan(
-            u,
-            delta.contiguous(),
-            A,
-            B.contiguous(),  # [B, L, state]
-            C.contiguous(),  # [B, L, state]
-            self.D.float(),
-            z.contiguous(),
-            self.dt_proj.bias.float(),
-            delta_softplus=True,
+            u, delta, A, B, C, self.D.float(), z, self.dt_proj.bias.float(), delta_softplus=True
         )  # [B, L, inner]
         return self.out_proj(y)
 
