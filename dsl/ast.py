@@ -401,9 +401,10 @@ class Comment(Node):
 
 
 class Module(Node):
-    """One `.route` file."""
+    """One `.route` file; `doc` is its leading `##` block when a blank line separates it from what follows."""
 
     filename: str
+    doc: Optional[str] = None
     uses: tuple[Use, ...] = ()
     definitions: tuple[Definition, ...] = ()
     comments: tuple[Comment, ...] = ()

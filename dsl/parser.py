@@ -203,6 +203,34 @@ def _dangling_doc(tokens: list[Token], i: int) -> bool:
     return True
 
 
+def _module_doc(tokens: list[Token]) -> tuple[list[Token], Optional[str]]:
+    """The file's own doc: `##` lines at the very top followed by a blank line (else they document the
+    first definition). Returns the tokens without them, and the doc text."""
+    docs: list[Token] = []
+    i = 0
+    while i < len(tokens) and tokens[i].type in ("WS", "_NL", "DOC"):
+        if tokens[i].type == "DOC":
+            if docs and tokens[i].line > docs[-1].line + 1:
+                return tokens, None
+            docs.append(tokens[i])
+        elif tokens[i].type == "_NL" and docs:
+            j = i + 1
+            while j < len(tokens) and tokens[j].type == "WS":
+                j += 1
+            if j < len(tokens) and tokens[j].type == "_NL":
+                return tokens[j:], _doc_text(docs)
+        i += 1
+    return tokens, None
+
+
+def _doc_text(docs: list[Token]) -> str:
+    lines = []
+    for tok in docs:
+        text = tok.value[2:].rstrip()
+        lines.append(text[1:] if text.startswith(" ") else text)
+    return "\n".join(lines)
+
+
 def _layout(
     tokens: list[Token], file: str, diags: Diagnostics
 ) -> tuple[Optional[list[Token]], list[ast.Comment]]:
@@ -588,11 +616,7 @@ class _ToAst(Transformer_NonRecursive):
     error_stmt = error_item
 
     def docs(self, meta, children):
-        lines = []
-        for tok in children:
-            text = tok.value[2:].rstrip()
-            lines.append(text[1:] if text.startswith(" ") else text)
-        return _Docs("\n".join(lines))
+        return _Docs(_doc_text(children))
 
     def use_decl(self, meta, children):
         source, names = children
@@ -881,7 +905,7 @@ def tokenize(source: str, filename: str = "<string>") -> tuple[list[Token], list
     diags = Diagnostics({filename: text})
     _check_characters(text, filename, diags)
     diags.raise_if_any()
-    tokens = _lex(text, filename, diags)
+    tokens, _ = _module_doc(_lex(text, filename, diags))
     diags.raise_if_any()
     laid, comments = _layout(tokens, filename, diags)
     diags.raise_if_any()
@@ -913,7 +937,7 @@ def parse(source: Union[str, bytes], filename: str = "<string>") -> ast.Module:
     _check_characters(text, filename, diags)
     diags.raise_if_any()
 
-    tokens = _lex(text, filename, diags)
+    tokens, doc = _module_doc(_lex(text, filename, diags))
     laid, comments = _layout(tokens, filename, diags) if tokens else (None, [])
     if laid is None or diags:
         _fallback(diags, filename)
@@ -929,7 +953,7 @@ def parse(source: Union[str, bytes], filename: str = "<string>") -> ast.Module:
         diags.raise_if_any()
     module = _ToAst(filename, diags).transform(tree)
     diags.raise_if_any()
-    return module.model_copy(update={"comments": tuple(comments)})
+    return module.model_copy(update={"comments": tuple(comments), "doc": doc})
 
 
 KEYWORDS = tuple(sorted(_keywords()))
