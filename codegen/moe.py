@@ -92,9 +92,7 @@ def moe_ffn_reference(
         w3 = None if w3 is None else w3.float()
     y = torch.zeros_like(x)  # [T, d]
     for e in range(w1.shape[0]):
-        tok, slot = (indices == e).nonzero(as_tuple=True)  # this expert's assignments
-        if tok.numel() == 0:
-            continue
+        tok, slot = (indices == e).nonzero(as_tuple=True)  # this expert's assignments (maybe none)
         rows = x[tok]  # [n, d]
         hidden = _activate(rows @ w1[e], None if w3 is None else rows @ w3[e], activation)  # [n, h]
         y = y.index_add(0, tok, (hidden @ w2[e]) * weights[tok, slot, None])
@@ -526,6 +524,27 @@ def _(x, weights, indices, w1, w2, activation, w3):
     return torch.empty_like(x)
 
 
+@torch.library.custom_op("routec::moe_ffn_backward", mutates_args=())
+def _moe_ffn_backward_op(
+    dy: Tensor, x: Tensor, weights: Tensor, indices: Tensor, w1: Tensor, w2: Tensor, activation: str,
+    w3: Optional[Tensor],
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """The Triton backward: (dx, dweights, dw1, dw2, dw3), dw3 an empty [0] tensor without w3.
+
+    An op of its own so that AOTAutograd traces the backward through its fake implementation instead of into
+    a kernel launch. (The reference backward is plain autograd, traced directly: a custom op's body runs
+    below the autograd dispatch key, where re-running the reference would record no graph.)
+    """
+    dx, dweights, dw1, dw2, dw3 = moe_ffn_backward_triton(dy, x, weights, indices, w1, w2, activation, w3)
+    return dx, dweights, dw1, dw2, x.new_empty(0) if dw3 is None else dw3
+
+
+@_moe_ffn_backward_op.register_fake
+def _(dy, x, weights, indices, w1, w2, activation, w3):
+    dw3 = x.new_empty(0) if w3 is None else torch.empty_like(w3)
+    return torch.empty_like(x), torch.empty_like(weights), torch.empty_like(w1), torch.empty_like(w2), dw3
+
+
 def _moe_ffn_setup(ctx, inputs, output):
     x, weights, indices, w1, w2, activation, w3 = inputs
     ctx.activation = activation
@@ -536,11 +555,12 @@ def _moe_ffn_setup(ctx, inputs, output):
 def _moe_ffn_backward(ctx, dy):
     x, weights, indices, w1, w2, w3 = ctx.saved_tensors
     if ctx.triton:
-        dx, dweights, dw1, dw2, dw3 = moe_ffn_backward_triton(dy, x, weights, indices, w1, w2, ctx.activation, w3)
+        dx, dweights, dw1, dw2, dw3 = torch.ops.routec.moe_ffn_backward(
+            dy, x, weights, indices, w1, w2, ctx.activation, w3)
     else:
         dx, dweights, _, dw1, dw2, _, dw3 = reference_vjp(
             moe_ffn_reference, (x, weights, indices, w1, w2, ctx.activation, w3), (dy,))
-    return dx, dweights, None, dw1, dw2, None, dw3
+    return dx, dweights, None, dw1, dw2, None, None if w3 is None else dw3
 
 
 _moe_ffn_op.register_autograd(_moe_ffn_backward, setup_context=_moe_ffn_setup)

@@ -402,6 +402,33 @@ def route_tokens_triton(
 # Custom ops.
 
 
+@torch.library.custom_op("routec::router_backward", mutates_args=())
+def _router_backward_op(
+    logits: Tensor, noise: Optional[Tensor], grad_weights: Tensor, grad_aux: Optional[Tensor], indices: Tensor,
+    kept: Optional[Tensor], counts: Optional[Tensor], normalize: bool, capacity: Optional[int],
+) -> Tensor:
+    """The Triton backward, dL/dlogits (= dL/dnoise), of topk_gate (kept, counts, grad_aux None) and route_tokens.
+
+    An op of its own so that AOTAutograd traces the backward through its fake implementation instead of into
+    a kernel launch. (The reference backward is plain autograd, traced directly: a custom op's body runs
+    below the autograd dispatch key, where re-running the reference would record no graph.)
+    """
+    return gate_backward(logits, noise, indices, grad_weights, kept, counts, grad_aux, normalize)
+
+
+def _reference_backward(logits, noise, grad_weights, grad_aux, k, normalize, capacity):
+    def weights_and_aux(lg, nz):
+        out = route_tokens_reference(lg, k, normalize, nz, capacity)
+        return out.weights, out.aux_loss
+
+    return reference_vjp(weights_and_aux, (logits, noise), (grad_weights, grad_aux))
+
+
+@_router_backward_op.register_fake
+def _(logits, noise, grad_weights, grad_aux, indices, kept, counts, normalize, capacity):
+    return torch.empty_like(logits)
+
+
 @torch.library.custom_op("routec::topk_gate", mutates_args=())
 def _topk_gate_op(logits: Tensor, k: int, normalize: bool) -> tuple[Tensor, Tensor]:
     if use_triton(logits):
@@ -428,8 +455,10 @@ def _topk_gate_backward(ctx, grad_weights, _grad_indices):
     if grad_weights is None:
         return None, None, None
     if ctx.triton:
-        return gate_backward(logits, None, indices, grad_weights, None, None, None, ctx.normalize), None, None
-    (dz, _, _) = reference_vjp(topk_gate_reference, (logits, indices.shape[1], ctx.normalize), (grad_weights, None))
+        dz = torch.ops.routec.router_backward(logits, None, grad_weights, None, indices, None, None, ctx.normalize,
+                                              None)
+    else:
+        dz, _ = _reference_backward(logits, None, grad_weights, None, indices.shape[1], ctx.normalize, None)
     return dz, None, None
 
 
@@ -459,7 +488,7 @@ def _(logits, k, normalize, noise, capacity):
 
 def _route_tokens_setup(ctx, inputs, output):
     logits, k, normalize, noise, capacity = inputs
-    ctx.k, ctx.normalize, ctx.capacity = k, normalize, capacity
+    ctx.normalize, ctx.capacity = normalize, capacity
     ctx.has_noise = noise is not None
     ctx.triton = use_triton(logits, noise)
     _, indices, counts, _, _, _, kept = output
@@ -472,15 +501,12 @@ def _route_tokens_backward(ctx, grad_weights, _gi, _gc, _go, _goff, grad_aux, _g
         return None, None, None, None, None
     if grad_weights is None:
         grad_weights = torch.zeros(indices.shape, dtype=logits.dtype, device=logits.device)
-    if ctx.triton:
-        dz = gate_backward(logits, noise, indices, grad_weights, kept, counts, grad_aux, ctx.normalize)
-    else:
-        def weights_and_aux(lg, nz):
-            out = route_tokens_reference(lg, ctx.k, ctx.normalize, nz, ctx.capacity)
-            return out.weights, out.aux_loss
-
-        dz, dn = reference_vjp(weights_and_aux, (logits, noise), (grad_weights, grad_aux))
-        return dz, None, None, dn if ctx.has_noise else None, None
+    if not ctx.triton:
+        dz, dn = _reference_backward(logits, noise, grad_weights, grad_aux, indices.shape[1], ctx.normalize,
+                                     ctx.capacity)
+        return dz, None, None, dn, None
+    dz = torch.ops.routec.router_backward(
+        logits, noise, grad_weights, grad_aux, indices, kept, counts, ctx.normalize, ctx.capacity)
     return dz, None, None, dz if ctx.has_noise else None, None
 
 
