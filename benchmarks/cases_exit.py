@@ -31,10 +31,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-try:
-    from harness import Case
-except ImportError:  # imported as part of the benchmarks package
-    from benchmarks.harness import Case
+from harness import Case  # benchmarks/ is on sys.path: run.py puts it there
 
 from routec.codegen.ops import bucket_capacity, compact, gather_rows, linear_exit, scatter_rows, should_compact
 
