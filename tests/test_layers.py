@@ -148,6 +148,31 @@ def test_conv1d_is_channels_last():
         torch.testing.assert_close(y[0, t], expect)
 
 
+def test_rms_norm_matches_its_formula():
+    norm = LAYERS["RMSNorm"].build(d=6, eps=1e-6).double()
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+    x = torch.randn(2, 3, 6, dtype=torch.float64)
+    for b in range(2):
+        for t in range(3):
+            row = x[b, t].tolist()
+            scale = 1 / math.sqrt(sum(v * v for v in row) / 6 + 1e-6)
+            want = torch.tensor([v * scale for v in row], dtype=torch.float64) * norm.weight
+            torch.testing.assert_close(norm(x)[b, t], want)
+
+
+def test_patch_embed_orders_tokens_row_major():
+    embed = LAYERS["PatchEmbed"].build(in_channels=2, d=3, patch=2).double()
+    img = torch.randn(1, 2, 4, 6, dtype=torch.float64)  # a 2 x 3 grid of 2 x 2 patches
+    tokens = embed(img)
+    w, b = embed.proj.weight, embed.proj.bias  # [3, 2, 2, 2], [3]
+    for row in range(2):
+        for col in range(3):
+            patch = img[0, :, 2 * row : 2 * row + 2, 2 * col : 2 * col + 2]
+            want = torch.stack([(w[k] * patch).sum() for k in range(3)]) + b
+            torch.testing.assert_close(tokens[0, row * 3 + col], want)
+
+
 def _attention_by_hand(q, k, v, heads, causal):
     """softmax(q kᵀ / √dh) v per head, with explicit loops over batch and heads."""
     batch, lq, d = q.shape
