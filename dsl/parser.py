@@ -264,21 +264,35 @@ def _layout(
                 broken = True
                 continue
             if stack[-1].type != CLOSERS[kind]:
+                broken = True
                 opener = stack[-1]
                 want = BRACKET_TEXT[OPENERS[opener.type]]
-                diags.error(
-                    "R013",
-                    f"mismatched `{tok.value}`: expected `{want}` to close `{opener.value}`",
-                    _span(file, tok),
-                    notes=[(f"`{opener.value}` opened here", _span(file, opener))],
-                )
-                broken = True
-                # `foo(]` is most likely a typo for `)`: close the innermost bracket either way, or
-                # everything up to a matching one further out, so one slip gives one error.
-                if any(t.type == CLOSERS[kind] for t in stack):
+                deeper = any(t.type == CLOSERS[kind] for t in stack)
+                if deeper:
+                    # `f(x }`: the brackets opened since the matching one were never closed.
                     while stack[-1].type != CLOSERS[kind]:
-                        stack.pop()
-                stack.pop()
+                        unclosed = stack.pop()
+                        diags.error(
+                            "R012",
+                            f"unclosed `{unclosed.value}`: expected `{BRACKET_TEXT[OPENERS[unclosed.type]]}`",
+                            _span(file, unclosed),
+                            notes=[(f"`{tok.value}` here closes an outer `{BRACKET_TEXT[CLOSERS[kind]]}` first",
+                                    _span(file, tok))],
+                        )
+                    stack.pop()
+                elif opener.type == "LBRACE":
+                    # A stray `)` or `]` inside a block: drop it, keep the block open.
+                    diags.error("R014", f"unmatched `{tok.value}`: no `{BRACKET_TEXT[CLOSERS[kind]]}` is open here",
+                                _span(file, tok))
+                else:
+                    # `foo(]` is most likely a typo for `)`: close the innermost bracket.
+                    diags.error(
+                        "R013",
+                        f"mismatched `{tok.value}`: expected `{want}` to close `{opener.value}`",
+                        _span(file, tok),
+                        notes=[(f"`{opener.value}` opened here", _span(file, opener))],
+                    )
+                    stack.pop()
                 continue
             stack.pop()
         kept.append(tok)
@@ -451,6 +465,10 @@ def _syntax_error(tokens: list[Token], i: int, tok: Token, expected: set[str], f
             what = "definition" if pool is ITEM_KEYWORDS else "statement"
             diags.error("R010", f"unknown {what} keyword `{prev.value}`", _span(file, prev), help=hint)
             return
+    if tok.type in ("ELSE", "COMBINE") and "RBRACE" not in {t.type for t in tokens[i - 1:i]}:
+        owner = "an `if`" if tok.type == "ELSE" else "a `paths`"
+        diags.error("R010", f"`{tok.value}` must follow the closing `}}` of {owner} block", _span(file, tok))
+        return
     message = f"expected {describe_expected(expected)}, found {describe_token(tok)}"
     span = _span(file, tok) if tok.type != "$END" else Span.point(file, tok.line, tok.column)
     help = None
@@ -463,7 +481,7 @@ def _syntax_error(tokens: list[Token], i: int, tok: Token, expected: set[str], f
             help = _did_you_mean(tok.value, ITEM_KEYWORDS)
     elif tok.type == "EQUAL" and "COMP_OP" in expected:
         help = "use `==` to compare"
-    elif tok.value in words and "NAME" in expected:
+    elif tok.value in words and "NAME" in expected and tok.type not in CONTINUATION:
         help = f"`{tok.value}` is a reserved word and cannot be used as a name"
     code = "R011" if tok.type == "$END" else "R010"
     diags.error(code, message, span, help=help)
@@ -482,6 +500,11 @@ def _top_level(tokens: list[Token], i: int) -> bool:
 def _parse_tokens(tokens: list[Token], eof: Token, file: str, diags: Diagnostics) -> Optional[Tree]:
     """Feed the LALR parser; on a syntax error, record it, unwind to the enclosing statement (or
     definition), feed `_ERR` in its place, skip to the end of that statement, and go on."""
+    level = []  # brace depth before each token
+    open_braces = 0
+    for tok in tokens:
+        level.append(open_braces)
+        open_braces += {"LBRACE": 1, "RBRACE": -1}.get(tok.type, 0)
     interactive = _lark().parse_interactive("")
     state = interactive.parser_state
     table = state.parse_conf.parse_table.states
@@ -520,6 +543,14 @@ def _parse_tokens(tokens: list[Token], eof: Token, file: str, diags: Diagnostics
             interactive.feed_token(Token.new_borrow_pos("_ERR", "", tok))
         except UnexpectedToken:
             return None
+        if level[i] - depth == 0:
+            # A broken `use` or definition header: resume at the next line that starts a definition.
+            while i < len(tokens) and not (
+                tokens[i].type == "_NL" and level[i] == 0 and i + 1 < len(tokens)
+                and tokens[i + 1].type in ("USE", "BLOCK", "MODEL", "DOC")
+            ):
+                i += 1
+            continue
         while i < len(tokens):
             kind = tokens[i].type
             if kind == "LBRACE":
@@ -938,6 +969,7 @@ def parse(source: Union[str, bytes], filename: str = "<string>") -> ast.Module:
     diags.raise_if_any()
 
     tokens, doc = _module_doc(_lex(text, filename, diags))
+    diags.raise_if_any()  # after a bad character the brackets and statements around it mean little
     laid, comments = _layout(tokens, filename, diags) if tokens else (None, [])
     if laid is None or diags:
         _fallback(diags, filename)
