@@ -8,9 +8,9 @@ x [T, d]; weights [T, k]; indices [T, k] int64 in [0, E) (not checked on the dev
 w2 [E, h, d]. gelu is the exact erf form (PyTorch's default). Dropless: every assignment is computed, an
 assignment with weight 0 (dropped by a router's capacity) just contributes 0.
 
-Triton forward (4 launches, no host synchronisation):
-  1. `router._expert_sort_kernel`: counting sort of the A = T*k assignments by expert -> counts [E] and
-     `order` [A] (flat assignment ids a = t*k + j grouped by expert).
+Triton forward (5 launches, no host synchronisation):
+  1. `router._expert_hist_kernel` + `router._expert_scatter_kernel`: counting sort of the A = T*k
+     assignments by expert -> counts [E] and `order` [A] (flat ids a = t*k + j grouped by expert).
   2. `_moe_up_kernel`, grouped GEMM 1: a program owns BLOCK_M consecutive sorted rows of ONE expert and a
      BLOCK_N slice of h. Its expert and rows come from `counts` on the device (`_expert_tile`): expert e
      owns ceil(counts[e] / BLOCK_M) tiles, so experts without tokens own none, and the grid is the upper

@@ -21,13 +21,16 @@ Selection is made on the (noisy) logits, not on the rounded probabilities, so ti
 `noise` is pre-sampled by the caller (std-scaled Gaussian for noisy top-k), so the op is deterministic; it
 gets the same gradient as the logits.
 
-Kernels (two launches for `route_tokens`, one for `topk_gate`):
-  * `_gate_fwd_kernel`: one program per BLOCK_T rows; softmax and k rounds of argmax in registers; writes
-    weights, indices and, for the aux loss, per-block column sums of p.
-  * `_expert_sort_kernel`: one program; pass 1 counts the assignments per expert (one-hot sums), then an
-    exclusive prefix sum gives the offsets; pass 2 walks the assignments in blocks in flat order, ranks each
-    one inside its expert with a cumulative sum of the one-hot matrix plus a running per-expert count, and
-    scatters its id to order[offsets[e] + rank] (a stable counting sort). The same kernel sorts for `moe_ffn`.
+Kernels (two launches for `route_tokens`, one for `topk_gate`, two for sorting given indices):
+  * `_gate_fwd_kernel`: one program per block of BLOCK_T rows; softmax and k rounds of argmax in
+    registers; writes weights, indices and, for the sort and the aux loss, the block's histogram of chosen
+    experts and column sums of p ([NB, E] each).
+  * `_expert_scatter_kernel`: one program per row block; reduces the [NB, E] histograms to the totals
+    (-> offsets by an exclusive prefix sum) and to this block's per-expert prefix, ranks each assignment
+    inside its expert with a cumulative sum of the block's one-hot matrix, and writes its id to
+    order[offsets[e] + rank]: a stable counting sort without atomics, deterministic. Program 0 also writes
+    counts, offsets and the aux loss. `_expert_hist_kernel` makes the histograms when only indices are
+    given (`moe_ffn`).
   * `_gate_bwd_kernel`: one program per BLOCK_T rows; recomputes p and applies the softmax (or, with
     normalize, the renormalised-softmax) backward to the gradient scattered onto the chosen experts, plus
     the aux-loss term.
@@ -142,12 +145,14 @@ def route_tokens_reference(
 
 @triton.jit
 def _gate_fwd_kernel(
-    z_ptr, noise_ptr, w_ptr, idx_ptr, psum_ptr,  # z, noise: [T, E]; w, idx: [T, K]; psum: [NB, E]
+    z_ptr, noise_ptr, w_ptr, idx_ptr, hist_ptr, psum_ptr,
+    # z, noise: [T, E]; w, idx: [T, K]; hist, psum: [NB, E] per row block
     T, E, stride_zt, stride_nt,
-    K: tl.constexpr, NORMALIZE: tl.constexpr, HAS_NOISE: tl.constexpr, WRITE_PSUM: tl.constexpr,
+    K: tl.constexpr, NORMALIZE: tl.constexpr, HAS_NOISE: tl.constexpr, WRITE_STATS: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """Softmax + top-k of BLOCK_T rows per program; optionally the block's column sums of p (aux loss)."""
+    """Softmax + top-k of BLOCK_T rows per program; with WRITE_STATS also the block's histogram of chosen
+    experts (for the sort) and its column sums of p (for the aux loss)."""
     pid = tl.program_id(0)
     rows = pid * BLOCK_T + tl.arange(0, BLOCK_T)
     cols = tl.arange(0, BLOCK_E)
@@ -166,6 +171,7 @@ def _gate_fwd_kernel(
     remaining = z
     w = tl.zeros([BLOCK_T, BLOCK_K], dtype=tl.float32)
     idx = tl.zeros([BLOCK_T, BLOCK_K], dtype=tl.int32)
+    chosen = tl.zeros([BLOCK_T, BLOCK_E], dtype=tl.int32)
     for j in tl.static_range(K):
         best = tl.max(remaining, 1)
         # lowest column holding the maximum: ties go to the lower expert index
@@ -174,66 +180,92 @@ def _gate_fwd_kernel(
         w = tl.where(slots[None, :] == j, tl.sum(tl.where(hit, p, 0.0), 1)[:, None], w)
         idx = tl.where(slots[None, :] == j, pick[:, None], idx)
         remaining = tl.where(hit, float("-inf"), remaining)
+        chosen += hit.to(tl.int32)
     if NORMALIZE:
         w = w / tl.sum(w, 1)[:, None]
     out_mask = row_ok[:, None] & (slots[None, :] < K)
     out_off = rows64[:, None] * K + slots[None, :]
     tl.store(w_ptr + out_off, w.to(w_ptr.dtype.element_ty), mask=out_mask)
     tl.store(idx_ptr + out_off, idx.to(tl.int64), mask=out_mask)
-    if WRITE_PSUM:
-        psum = tl.sum(tl.where(row_ok[:, None], p, 0.0), 0)  # [BLOCK_E]
-        tl.store(psum_ptr + pid * E + cols, psum, mask=col_ok)
+    if WRITE_STATS:
+        tl.store(hist_ptr + pid * E + cols, tl.sum(tl.where(row_ok[:, None], chosen, 0), 0), mask=col_ok)
+        tl.store(psum_ptr + pid * E + cols, tl.sum(tl.where(row_ok[:, None], p, 0.0), 0), mask=col_ok)
 
 
 @triton.jit
-def _expert_sort_kernel(
-    idx_ptr, w_ptr, psum_ptr,  # idx, w: [A] flat (A = T*K); psum: [NB, E]
-    counts_ptr, offsets_ptr, order_ptr, kept_ptr, aux_ptr,  # [E], [E+1], [A], [A], []
-    A, E, NB, T, capacity,
-    K: tl.constexpr, HAS_CAPACITY: tl.constexpr, DROP_WEIGHTS: tl.constexpr, HAS_AUX: tl.constexpr,
-    BLOCK_A: tl.constexpr, BLOCK_E: tl.constexpr,
+def _expert_hist_kernel(
+    idx_ptr, hist_ptr,  # idx: [T, K]; hist: [NB, E]
+    T, E, K: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_E: tl.constexpr,
 ):
-    """Stable counting sort of the A assignments by expert, in a single program (see the module docstring)."""
+    """hist[b, e] = number of the (t, j) in row block b with idx[t, j] == e (one program per block)."""
+    pid = tl.program_id(0)
+    q = tl.arange(0, BLOCK_T * BLOCK_K)
+    t = pid * BLOCK_T + q // BLOCK_K
+    j = q % BLOCK_K
+    ok = (t < T) & (j < K)
+    e = tl.load(idx_ptr + t.to(tl.int64) * K + j, mask=ok, other=-1).to(tl.int32)
+    cols = tl.arange(0, BLOCK_E)
+    tl.store(hist_ptr + pid * E + cols, tl.sum((e[:, None] == cols[None, :]).to(tl.int32), 0), mask=cols < E)
+
+
+@triton.jit
+def _expert_scatter_kernel(
+    idx_ptr, w_ptr, hist_ptr, psum_ptr,  # idx, w: [T, K]; hist, psum: [NB, E]
+    counts_ptr, offsets_ptr, order_ptr, kept_ptr, aux_ptr,  # [E], [E+1], [T*K], [T, K], []
+    T, E, NB, capacity,
+    K: tl.constexpr, HAS_CAPACITY: tl.constexpr, DROP_WEIGHTS: tl.constexpr, HAS_AUX: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_NB: tl.constexpr,
+):
+    """Stable counting sort, one program per row block b (see the module docstring).
+
+    From the histograms: totals -> starts (exclusive prefix sum over experts), and prefix[e] = assignments
+    of e in blocks before b. Inside the block, an assignment's rank among its expert's is a cumulative sum
+    of the one-hot matrix in flat (t, j) order. It goes to order[starts[e] + prefix[e] + rank].
+    """
+    pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK_E)
     col_ok = cols < E
-    lanes = tl.arange(0, BLOCK_A)
+    total = tl.zeros([BLOCK_E], dtype=tl.int32)
+    prefix = tl.zeros([BLOCK_E], dtype=tl.int32)
+    for b0 in range(0, NB, BLOCK_NB):
+        rb = b0 + tl.arange(0, BLOCK_NB)
+        h = tl.load(hist_ptr + rb[:, None] * E + cols[None, :], mask=(rb < NB)[:, None] & col_ok[None, :], other=0)
+        total += tl.sum(h, 0)
+        prefix += tl.sum(tl.where((rb < pid)[:, None], h, 0), 0)
+    starts = tl.cumsum(total, 0) - total
 
-    counts = tl.zeros([BLOCK_E], dtype=tl.int32)
-    for a0 in range(0, A, BLOCK_A):
-        a = a0 + lanes
-        e = tl.load(idx_ptr + a, mask=a < A, other=-1).to(tl.int32)
-        counts += tl.sum((e[:, None] == cols[None, :]).to(tl.int32), 0)
-    starts = tl.cumsum(counts, 0) - counts  # exclusive prefix sum
-    tl.store(counts_ptr + cols, counts.to(tl.int64), mask=col_ok)
-    tl.store(offsets_ptr + cols, starts.to(tl.int64), mask=col_ok)
-    tl.store(offsets_ptr + E, tl.sum(counts, 0).to(tl.int64))
+    if pid == 0:
+        tl.store(counts_ptr + cols, total.to(tl.int64), mask=col_ok)
+        tl.store(offsets_ptr + cols, starts.to(tl.int64), mask=col_ok)
+        tl.store(offsets_ptr + E, tl.sum(total, 0).to(tl.int64))
+        if HAS_AUX:
+            psum = tl.zeros([BLOCK_E], dtype=tl.float32)
+            for b0 in range(0, NB, BLOCK_NB):
+                rb = b0 + tl.arange(0, BLOCK_NB)
+                psum += tl.sum(tl.load(psum_ptr + rb[:, None] * E + cols[None, :],
+                                       mask=(rb < NB)[:, None] & col_ok[None, :], other=0.0), 0)
+            aux = tl.sum(total.to(tl.float32) * psum, 0) * E / ((T * 1.0) * K * T)
+            tl.store(aux_ptr, aux.to(aux_ptr.dtype.element_ty))
 
-    if HAS_AUX:
-        psum = tl.zeros([BLOCK_E], dtype=tl.float32)
-        for b in range(NB):
-            psum += tl.load(psum_ptr + b * E + cols, mask=col_ok, other=0.0)
-        aux = tl.sum(counts.to(tl.float32) * psum, 0) * E / ((A * 1.0) * T)
-        tl.store(aux_ptr, aux.to(aux_ptr.dtype.element_ty))
-
-    seen = tl.zeros([BLOCK_E], dtype=tl.int32)  # assignments of each expert already placed
-    for a0 in range(0, A, BLOCK_A):
-        a = a0 + lanes
-        a_ok = a < A
-        e = tl.load(idx_ptr + a, mask=a_ok, other=-1).to(tl.int32)
-        onehot = (e[:, None] == cols[None, :]).to(tl.int32)  # [BLOCK_A, BLOCK_E]
-        before_in_block = tl.cumsum(onehot, 0) - onehot
-        rank = tl.sum(onehot * (before_in_block + seen[None, :]), 1)  # rank inside its expert
-        start = tl.sum(onehot * starts[None, :], 1)
-        tl.store(order_ptr + start + rank, a.to(tl.int64), mask=a_ok)
-        if HAS_CAPACITY:
-            keep = rank < capacity
-        else:
-            keep = rank >= 0
-        if DROP_WEIGHTS:
-            w = tl.load(w_ptr + a, mask=a_ok, other=0.0)
-            tl.store(w_ptr + a, tl.where(keep, w, 0.0).to(w_ptr.dtype.element_ty), mask=a_ok)
-        tl.store(kept_ptr + a, keep, mask=a_ok)
-        seen += tl.sum(onehot, 0)
+    q = tl.arange(0, BLOCK_T * BLOCK_K)  # flat (t, j) order inside the block
+    t = pid * BLOCK_T + q // BLOCK_K
+    j = q % BLOCK_K
+    ok = (t < T) & (j < K)
+    a = t.to(tl.int64) * K + j  # flat assignment id
+    e = tl.load(idx_ptr + a, mask=ok, other=-1).to(tl.int32)
+    onehot = (e[:, None] == cols[None, :]).to(tl.int32)  # [BLOCK_T * BLOCK_K, BLOCK_E]
+    before_in_block = tl.cumsum(onehot, 0) - onehot
+    rank = tl.sum(onehot * (before_in_block + prefix[None, :]), 1)  # rank among expert e's assignments
+    start = tl.sum(onehot * starts[None, :], 1)
+    tl.store(order_ptr + start + rank, a, mask=ok)
+    if HAS_CAPACITY:
+        keep = rank < capacity
+    else:
+        keep = rank >= 0
+    if DROP_WEIGHTS:
+        w = tl.load(w_ptr + a, mask=ok, other=0.0)
+        tl.store(w_ptr + a, tl.where(keep, w, 0.0).to(w_ptr.dtype.element_ty), mask=ok)
+    tl.store(kept_ptr + a, keep, mask=ok)
 
 
 @triton.jit
@@ -297,13 +329,14 @@ def _gate_bwd_kernel(
 # ----------------------------------------------------------------------------------------------------------
 # Launchers.
 
-_BLOCK_T_GATE = 16
-
-
 def _gate_blocks(E: int, K: int) -> tuple[int, int, int]:
-    block_e = triton.next_power_of_2(E)
-    block_t = max(1, min(64, 4096 // block_e)) if not interpreting() else _BLOCK_T_GATE
-    return block_t, block_e, triton.next_power_of_2(K)
+    """(BLOCK_T, BLOCK_E, BLOCK_K) of the gate and sort kernels: one row block is BLOCK_T tokens, sized so
+    the sort's [BLOCK_T * BLOCK_K, BLOCK_E] one-hot tile stays around 16K elements (8 rows in the
+    interpreter, so that small tests span several blocks)."""
+    block_e, block_k = triton.next_power_of_2(E), triton.next_power_of_2(K)
+    if interpreting():
+        return 8, block_e, block_k
+    return max(16, min(256, 16384 // (block_e * block_k))), block_e, block_k
 
 
 def _row_stride(t: Optional[Tensor]) -> int:
@@ -314,18 +347,20 @@ def _unit_cols(t: Tensor) -> Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-def gate_forward(logits: Tensor, k: int, normalize: bool, noise: Optional[Tensor], psum: Optional[Tensor]):
-    """Launch `_gate_fwd_kernel`; returns (weights [T, k], indices [T, k])."""
+def gate_forward(logits: Tensor, k: int, normalize: bool, noise: Optional[Tensor],
+                 stats: Optional[tuple[Tensor, Tensor]] = None):
+    """Launch `_gate_fwd_kernel`; returns (weights [T, k], indices [T, k]). `stats` = (hist, psum) [NB, E]."""
     logits = _unit_cols(logits)
     noise = None if noise is None else _unit_cols(noise)
     T, E = logits.shape
     block_t, block_e, block_k = _gate_blocks(E, k)
     weights = _alloc((T, k), logits.dtype, logits.device)
     indices = _alloc((T, k), torch.int64, logits.device)
+    hist, psum = (indices, weights) if stats is None else stats
     _gate_fwd_kernel[(triton.cdiv(T, block_t),)](
-        logits, logits if noise is None else noise, weights, indices, weights if psum is None else psum,
+        logits, logits if noise is None else noise, weights, indices, hist, psum,
         T, E, logits.stride(0), _row_stride(noise),
-        K=k, NORMALIZE=normalize, HAS_NOISE=noise is not None, WRITE_PSUM=psum is not None,
+        K=k, NORMALIZE=normalize, HAS_NOISE=noise is not None, WRITE_STATS=stats is not None,
         BLOCK_T=block_t, BLOCK_E=block_e, BLOCK_K=block_k,
     )
     return weights, indices
@@ -333,31 +368,35 @@ def gate_forward(logits: Tensor, k: int, normalize: bool, noise: Optional[Tensor
 
 def sort_by_expert(
     indices: Tensor, num_experts: int, *, weights: Optional[Tensor] = None, capacity: Optional[int] = None,
-    psum: Optional[Tensor] = None, aux: Optional[Tensor] = None,
+    hist: Optional[Tensor] = None, psum: Optional[Tensor] = None, aux: Optional[Tensor] = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Launch `_expert_sort_kernel` on indices [T, K]; returns (counts, offsets, order, kept).
+    """Counting sort of indices [T, K] by expert; returns (counts, offsets, order, kept).
 
-    With `capacity`, the overflowing assignments' entries in `weights` (contiguous [T, K]) are set to 0 in
-    place. With `psum` ([NB, E] column sums of p from the gate kernel), the aux loss is written to `aux`.
+    `hist` ([NB, E] per row block, from the gate kernel) saves the histogram launch. With `capacity`, the
+    overflowing assignments' entries of `weights` (contiguous [T, K]) are set to 0 in place. With `psum`
+    ([NB, E] column sums of p from the gate kernel), the aux loss is written to `aux`.
     """
     T, K = indices.shape
     E = num_experts
-    A = T * K
     device = indices.device
     indices = indices.contiguous()
-    block_e = triton.next_power_of_2(E)
-    block_a = max(16, min(1024, 8192 // block_e)) if not interpreting() else max(16, min(256, 4096 // block_e))
+    block_t, block_e, block_k = _gate_blocks(E, K)
+    nb = triton.cdiv(T, block_t)
+    if hist is None:
+        hist = torch.empty((nb, E), dtype=torch.int32, device=device)
+        _expert_hist_kernel[(nb,)](indices, hist, T, E, K=K, BLOCK_T=block_t, BLOCK_K=block_k, BLOCK_E=block_e)
     counts = _alloc((E,), torch.int64, device)
     offsets = _alloc((E + 1,), torch.int64, device)
-    order = _alloc((A,), torch.int64, device)
+    order = _alloc((T * K,), torch.int64, device)
     kept = _alloc((T, K), torch.bool, device)
-    _expert_sort_kernel[(1,)](
-        indices, indices if weights is None else weights, counts if psum is None else psum,
+    _expert_scatter_kernel[(nb,)](
+        indices, indices if weights is None else weights, hist, hist if psum is None else psum,
         counts, offsets, order, kept, counts if aux is None else aux,
-        A, E, 0 if psum is None else psum.shape[0], T, 0 if capacity is None else capacity,
+        T, E, nb, 0 if capacity is None else capacity,
         K=K, HAS_CAPACITY=capacity is not None, DROP_WEIGHTS=capacity is not None and weights is not None,
         HAS_AUX=psum is not None,
-        BLOCK_A=block_a, BLOCK_E=block_e, num_warps=8 if not interpreting() else 4,
+        BLOCK_T=block_t, BLOCK_K=block_k, BLOCK_E=block_e, BLOCK_NB=max(1, 4096 // block_e),
+        num_warps=4 if interpreting() else 8,
     )
     return counts, offsets, order, kept
 
@@ -388,13 +427,15 @@ def gate_backward(
 def route_tokens_triton(
     logits: Tensor, k: int, normalize: bool, noise: Optional[Tensor], capacity: Optional[int],
 ) -> RouterOutput:
-    """Two launches: the gate kernel (weights, indices, p column sums), then the sort kernel."""
+    """Two launches: the gate kernel (weights, indices, per-block histograms and p sums), then the scatter."""
     T, E = logits.shape
-    block_t, _, _ = _gate_blocks(E, k)
-    psum = torch.empty((triton.cdiv(T, block_t), E), dtype=torch.float32, device=logits.device)
-    weights, indices = gate_forward(logits, k, normalize, noise, psum)
+    nb = triton.cdiv(T, _gate_blocks(E, k)[0])
+    hist = torch.empty((nb, E), dtype=torch.int32, device=logits.device)
+    psum = torch.empty((nb, E), dtype=torch.float32, device=logits.device)
+    weights, indices = gate_forward(logits, k, normalize, noise, (hist, psum))
     aux = _alloc((), logits.dtype, logits.device)
-    counts, offsets, order, kept = sort_by_expert(indices, E, weights=weights, capacity=capacity, psum=psum, aux=aux)
+    counts, offsets, order, kept = sort_by_expert(
+        indices, E, weights=weights, capacity=capacity, hist=hist, psum=psum, aux=aux)
     return RouterOutput(weights, indices, counts, order, offsets, aux, kept)
 
 
@@ -432,7 +473,7 @@ def _(logits, noise, grad_weights, grad_aux, indices, kept, counts, normalize, c
 @torch.library.custom_op("routec::topk_gate", mutates_args=())
 def _topk_gate_op(logits: Tensor, k: int, normalize: bool) -> tuple[Tensor, Tensor]:
     if use_triton(logits):
-        return gate_forward(logits, k, normalize, None, None)
+        return gate_forward(logits, k, normalize, None)
     with torch.no_grad():
         return topk_gate_reference(logits, k, normalize)
 

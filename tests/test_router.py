@@ -158,7 +158,7 @@ def test_topk_gate_triton_matches_reference(triton_backend, T, E, k, normalize):
 
 @needs_triton
 def test_sort_kernel_spans_several_blocks(triton_backend):
-    """More assignments than one block of the single-program sort: the running counts carry across blocks."""
+    """Many row blocks: each block's per-expert prefix comes from the histograms of the blocks before it."""
     T, E, k = 300, 5, 2
     _, indices = router_mod.topk_gate_reference(_logits(T, E, seed=4, dead=(3,)), k)
     counts, offsets, order, kept = router_mod.sort_by_expert(indices, E, capacity=70)
