@@ -1,0 +1,314 @@
+"""The nn.Modules the compiler places in a routed graph for gates, routes, paths, exits and scans.
+
+Each module holds the construct's parameters and its train/eval semantics (DESIGN §4) and calls the runtime
+ops of `routec.codegen.ops`, so a compiled model (and the file `routec compile` writes) needs only this
+module, `ops` and torch. Nothing here keeps hidden state between calls.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from . import ops
+
+__all__ = [
+    "TopKGate", "SoftGate", "HardGate", "Experts", "BranchRoute", "PathCombine", "ExitPoint", "ExitFinal",
+    "ScanLoop", "batch_dim", "token_shuffle", "token_unshuffle", "zeros_batch",
+]
+
+
+def batch_dim(x: Tensor, dim: int) -> int:
+    """`x.size(dim)` as a graph-friendly call (fx records it as one node)."""
+    return x.size(dim)
+
+
+def zeros_batch(*sizes: int, like: Tensor) -> Tensor:
+    """zeros of `sizes` with the dtype and device of `like`."""
+    return torch.zeros(sizes, dtype=like.dtype, device=like.device)
+
+
+def token_shuffle(x: Tensor, dim: int = 1) -> tuple[Tensor, Tensor]:
+    """A fresh random token order along `dim`, shared by the batch: (x reordered, the permutation)."""
+    perm = torch.randperm(x.size(dim), device=x.device)
+    return x.index_select(dim, perm), perm
+
+
+def token_unshuffle(y: Tensor, perm: Tensor, dim: int = 1) -> Tensor:
+    """Undo `token_shuffle`: put row j of `y` back at position perm[j]."""
+    return y.index_select(dim, torch.argsort(perm))
+
+
+class TopKGate(nn.Module):
+    """Top-k routing over `experts` choices from scores [..., E].
+
+    Training with `noisy`: the noisy top-k of Shazeer et al. — scores + N(0, 1) · softplus(x W_noise), with
+    `w_noise` [d, E] learned (zero-initialised, as in the paper's code). `capacity_factor` bounds the tokens
+    per expert to ceil(capacity_factor · T · k / E) (overflow dropped). Returns (weights [..., k],
+    indices [..., k], aux) where aux is the Switch load-balance loss.
+    """
+
+    def __init__(self, k: int, experts: int, d: int | None = None, noisy: bool = False,
+                 normalize: bool = False, capacity_factor: float = 0.0):
+        super().__init__()
+        self.k, self.experts, self.normalize = k, experts, normalize
+        self.capacity_factor = capacity_factor
+        self.w_noise = nn.Parameter(torch.zeros(d, experts)) if noisy and d else None
+
+    def forward(self, scores: Tensor, x: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor]:
+        lead = scores.shape[:-1]
+        logits = scores.reshape(-1, self.experts)
+        noise = None
+        if self.training and self.w_noise is not None and x is not None:
+            std = F.softplus(x.reshape(-1, x.shape[-1]) @ self.w_noise)
+            noise = torch.randn_like(logits) * std
+        capacity = None
+        if self.capacity_factor > 0:
+            capacity = max(1, math.ceil(self.capacity_factor * logits.shape[0] * self.k / self.experts))
+        r = ops.route_tokens(logits, self.k, normalize=self.normalize, noise=noise, capacity=capacity)
+        return r.weights.reshape(*lead, self.k), r.indices.reshape(*lead, self.k), r.aux_loss
+
+
+class SoftGate(nn.Module):
+    """Dense gate weights over the last dim: softmax(scores / temperature), or sigmoid per choice."""
+
+    def __init__(self, kind: str = "softmax", temperature: float = 1.0):
+        super().__init__()
+        self.kind, self.temperature = kind, temperature
+
+    def forward(self, scores: Tensor) -> Tensor:
+        if self.kind == "sigmoid":
+            return torch.sigmoid(scores)
+        return torch.softmax(scores / self.temperature, dim=-1)
+
+
+class HardGate(nn.Module):
+    """Hard decisions with straight-through gradients.
+
+    * `threshold`: one choice per score, 1 where sigmoid(score) >= t (gradient of the sigmoid);
+    * `bernoulli`: sample 1 with probability sigmoid(score) in training, threshold 0.5 in eval;
+    * `gumbel`: one-hot over the last dim from Gumbel-softmax(tau) in training (hard), argmax in eval;
+    * `argmax`: one-hot argmax of softmax(scores), straight-through.
+    The forward value is exactly 0/1; the backward is that of the soft value.
+    """
+
+    def __init__(self, kind: str, threshold: float = 0.5, tau: float = 1.0):
+        super().__init__()
+        self.kind, self.threshold, self.tau = kind, threshold, tau
+
+    def forward(self, scores: Tensor) -> Tensor:
+        if self.kind in ("threshold", "bernoulli"):
+            soft = torch.sigmoid(scores)
+            if self.kind == "bernoulli" and self.training:
+                hard = (torch.rand_like(soft) < soft).to(soft.dtype)
+            else:
+                hard = (soft >= self.threshold).to(soft.dtype)
+        else:
+            if self.kind == "gumbel" and self.training:
+                g = -torch.log(-torch.log(torch.rand_like(scores).clamp_min(1e-20)).clamp_min(1e-20))
+                soft = torch.softmax((scores + g) / self.tau, dim=-1)
+            else:
+                soft = torch.softmax(scores, dim=-1)
+            hard = F.one_hot(soft.argmax(-1), soft.shape[-1]).to(soft.dtype)
+        return hard + soft - soft.detach()
+
+
+class Experts(nn.Module):
+    """E copies of `Linear(d, h) -> act -> Linear(h, d)` stored stacked, run by the `moe_ffn` op.
+
+    w1 [E, d, h], w2 [E, h, d] (x @ w layout), optional w3 [E, d, h] for gated activations and biases
+    b1 [E, h], b2 [E, d]. A first-layer bias is folded into the op by a constant-one input column.
+    """
+
+    def __init__(self, experts: int, d: int, hidden: int, out: int, activation: str = "gelu",
+                 bias: bool = True, gated: bool = False):
+        super().__init__()
+        self.activation = activation
+        bound1, bound2 = 1 / math.sqrt(d), 1 / math.sqrt(hidden)
+        self.w1 = nn.Parameter(torch.empty(experts, d, hidden).uniform_(-bound1, bound1))
+        self.w2 = nn.Parameter(torch.empty(experts, hidden, out).uniform_(-bound2, bound2))
+        self.w3 = nn.Parameter(torch.empty(experts, d, hidden).uniform_(-bound1, bound1)) if gated else None
+        self.b1 = nn.Parameter(torch.empty(experts, hidden).uniform_(-bound1, bound1)) if bias else None
+        self.b2 = nn.Parameter(torch.empty(experts, out).uniform_(-bound2, bound2)) if bias else None
+
+    def forward(self, x: Tensor, weights: Tensor, indices: Tensor) -> Tensor:
+        lead = x.shape[:-1]
+        xs = x.reshape(-1, x.shape[-1])  # [T, d]
+        w = weights.reshape(xs.shape[0], -1)
+        idx = indices.reshape(xs.shape[0], -1)
+        if self.b1 is None and self.w2.shape[-1] == xs.shape[-1]:
+            y = ops.moe_ffn(xs, w, idx, self.w1, self.w2, activation=self.activation, w3=self.w3)
+        else:
+            y = self._per_expert(xs, w, idx)
+        return y.reshape(*lead, y.shape[-1])
+
+    def _per_expert(self, xs: Tensor, w: Tensor, idx: Tensor) -> Tensor:
+        """Experts with biases (or out ≠ d), which `moe_ffn` does not take: gather each expert's rows,
+        run it, scatter-add the weighted result."""
+        act = {"gelu": F.gelu, "silu": F.silu, "relu": F.relu}.get(self.activation)
+        y = xs.new_zeros(xs.shape[0], self.w2.shape[-1])
+        for e in range(self.w1.shape[0]):
+            hit = idx == e  # [T, k]
+            rows = hit.any(-1).nonzero().squeeze(-1)
+            xe = xs.index_select(0, rows)
+            h = xe @ self.w1[e] + (self.b1[e] if self.b1 is not None else 0)
+            if self.w3 is not None:
+                gate = F.silu(h) if self.activation == "swiglu" else F.gelu(h)
+                h = gate * (xe @ self.w3[e])
+            else:
+                h = act(h)
+            ye = h @ self.w2[e] + (self.b2[e] if self.b2 is not None else 0)
+            we = (w * hit.to(w.dtype)).sum(-1).index_select(0, rows)
+            y = y.index_add(0, rows, ye * we.unsqueeze(-1))
+        return y
+
+
+class BranchRoute(nn.Module):
+    """Send each row to the branches its gate chose, run only those rows, and combine weighted.
+
+    `weights` [N, k] and `indices` [N, k] (or a one-hot/dense [N, P] mask when `dense`); branch p runs on the
+    rows that chose it (gathered, run, scattered back: pre-gate semantics, no masked-away compute).
+    """
+
+    def __init__(self, branches: list[nn.Module], per_sample: bool = False):
+        super().__init__()
+        self.branches = nn.ModuleList(branches)
+        self.per_sample = per_sample
+
+    def forward(self, x: Tensor, weights: Tensor, indices: Tensor) -> Tensor:
+        if self.per_sample:  # whole samples [B, ...] go to a branch
+            return self._route(x, weights, indices)
+        lead = x.shape[:-1]
+        out = self._route(x.reshape(-1, x.shape[-1]), weights, indices)
+        return out.reshape(*lead, out.shape[-1])
+
+    def _route(self, xs: Tensor, weights: Tensor, indices: Tensor) -> Tensor:
+        w = weights.reshape(xs.shape[0], -1)
+        idx = indices.reshape(xs.shape[0], -1)
+        out: Optional[Tensor] = None
+        for p, branch in enumerate(self.branches):
+            hit = idx == p  # [N, k]
+            wp = (w * hit.to(w.dtype)).sum(-1)  # [N]
+            rows = hit.any(-1).nonzero().squeeze(-1)
+            yp = branch(xs.index_select(0, rows))
+            yp = yp * wp.index_select(0, rows).reshape(-1, *([1] * (yp.dim() - 1)))
+            if out is None:
+                out = xs.new_zeros(xs.shape[0], *yp.shape[1:], dtype=yp.dtype)
+            out = out.index_add(0, rows, yp)
+        assert out is not None
+        return out
+
+
+class PathCombine(nn.Module):
+    """The aggregator of `paths`: sum, mean, max, concat(dim) or a weighted sum by gate weights.
+
+    `drop` > 0 drops each path per sample with that probability in training (rescaling the kept ones, as
+    stochastic depth does); eval uses every path, or with `ensemble` = n averages n sampled sub-networks
+    (the pathway ensemble of Information Pathways / SSA).
+    """
+
+    def __init__(self, mode: str, dim: int = -1, drop: float = 0.0, ensemble: int = 0):
+        super().__init__()
+        self.mode, self.dim, self.drop, self.ensemble = mode, dim, drop, ensemble
+
+    def _dropped(self, stacked: Tensor) -> Tensor:
+        keep = torch.rand(stacked.shape[0], stacked.shape[1], device=stacked.device) >= self.drop
+        scale = keep.to(stacked.dtype) / (1 - self.drop)
+        return stacked * scale.reshape(*scale.shape, *([1] * (stacked.dim() - 2)))
+
+    def forward(self, *paths: Tensor, weights: Optional[Tensor] = None) -> Tensor:
+        stacked = torch.stack(paths, 0)  # [P, *S]
+        if self.drop > 0 and not self.training and self.ensemble > 0:
+            return torch.stack([self._combine(self._dropped(stacked), weights) for _ in range(self.ensemble)]).mean(0)
+        if self.training and self.drop > 0:
+            stacked = self._dropped(stacked)
+        return self._combine(stacked, weights)
+
+    def _combine(self, stacked: Tensor, weights: Optional[Tensor]) -> Tensor:
+        if self.mode == "sum":
+            return stacked.sum(0)
+        if self.mode == "mean":
+            return stacked.mean(0)
+        if self.mode == "max":
+            return stacked.max(0).values
+        if self.mode == "concat":
+            return torch.cat(list(stacked.unbind(0)), dim=self.dim)
+        assert weights is not None, "a gated combine needs weights"
+        return ops.gated_combine(stacked, weights)
+
+
+class ExitPoint(nn.Module):
+    """An exit in the batch: decides which samples leave and, in eval mode, removes them from the batch.
+
+    State tensors carried from exit to exit: `out` [N, C] (the selected outputs so far), `index` [N] (the
+    exit each sample took, -1 while running), `alive` [n] (original row of each live row). In eval mode the
+    samples whose rule holds write their head output into `out` and leave: every live batch tensor is
+    packed to the survivors (compaction), so later layers run on fewer rows. In training nothing leaves.
+    """
+
+    def __init__(self, position: int):
+        super().__init__()
+        self.position = position
+
+    def forward(self, logits: Tensor, decision: Tensor, out: Tensor, index: Tensor, alive: Tensor,
+                *live: Tensor) -> tuple[Tensor, ...]:
+        if self.training:
+            return (out, index, alive, *live)
+        leave = decision.reshape(-1).to(torch.bool)
+        rows = alive[leave]
+        out = out.index_put((rows,), logits[leave].to(out.dtype))
+        index = index.index_put((rows,), torch.full_like(rows, self.position))
+        stay = ~leave
+        return (out, index, alive[stay], *(t[stay] for t in live))
+
+
+class ExitFinal(nn.Module):
+    """After the last layer: in eval mode the survivors take the final output and exit index `position`."""
+
+    def __init__(self, position: int):
+        super().__init__()
+        self.position = position
+
+    def forward(self, logits: Tensor, out: Tensor, index: Tensor, alive: Tensor) -> tuple[Tensor, Tensor]:
+        if self.training:
+            return logits, index
+        out = out.index_put((alive,), logits.to(out.dtype))
+        index = index.index_put((alive,), torch.full_like(alive, self.position))
+        return out, index
+
+
+class ScanLoop(nn.Module):
+    """A general recurrence: runs the step graph over the scanned axis one step at a time.
+
+    `step(states..., slices..., captured...) -> (new states..., emits...)`; sequences are scanned along
+    dim 1 (in reverse when asked). Returns the final states and the emits stacked along dim 1 in the
+    sequence's order. The step's modules are registered on the model at their spec paths, not here, so
+    the step is held outside the module registry.
+    """
+
+    def __init__(self, step, n_states: int, n_seqs: int, n_emits: int, reverse: bool = False):
+        super().__init__()
+        object.__setattr__(self, "_step", step)
+        self.n_states, self.n_seqs, self.n_emits, self.reverse = n_states, n_seqs, n_emits, reverse
+
+    def forward(self, *args: Tensor) -> tuple[Tensor, ...]:
+        states = list(args[: self.n_states])
+        seqs = args[self.n_states: self.n_states + self.n_seqs]
+        captured = args[self.n_states + self.n_seqs:]
+        length = seqs[0].size(1)
+        steps = range(length - 1, -1, -1) if self.reverse else range(length)
+        emitted: list[list[Tensor]] = [[] for _ in range(self.n_emits)]
+        for t in steps:
+            result = self._step(*states, *(s[:, t] for s in seqs), *captured)
+            result = result if isinstance(result, tuple) else (result,)
+            states = list(result[: self.n_states])
+            for slot, value in zip(emitted, result[self.n_states:]):
+                slot.append(value)
+        if self.reverse:
+            for slot in emitted:
+                slot.reverse()
+        return (*states, *(torch.stack(slot, 1) for slot in emitted))

@@ -1,0 +1,42 @@
+"""routec.compiler: checks a parsed spec, lowers it through torch.fx, and returns a runnable `nn.Module`.
+
+`load(spec, **params)` takes a path or `stdlib:<name>`; `compile_file(path, **params)` and
+`compile_source(text, filename, **params)` do the same from a file or a string. The stages are listed in
+`routec.compiler.pipeline`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Optional, Union
+
+from .. import stdlib
+from ..dsl import read_source
+from .module import RoutedModule
+
+__all__ = ["compile_source", "compile_file", "load", "RoutedModule"]
+
+
+def compile_source(text: str, filename: str = "<string>", *, model: Optional[str] = None,
+                   **params: Any) -> RoutedModule:
+    """Compile spec `text`; `model` picks a model or block by name (default: the file's last `model`)."""
+    from .build import elaborate
+
+    return elaborate(filename, text, params, model=model)
+
+
+def compile_file(path: Union[str, Path], *, model: Optional[str] = None, **params: Any) -> RoutedModule:
+    return compile_source(read_source(path), str(path), model=model, **params)
+
+
+def resolve_spec(spec: Union[str, Path]) -> Path:
+    """`stdlib:<name>` → the stdlib file; anything else is a path."""
+    text = str(spec)
+    if text.startswith("stdlib:"):
+        return stdlib.path(text[len("stdlib:"):])
+    return Path(text)
+
+
+def load(spec: Union[str, Path], *, model: Optional[str] = None, **params: Any) -> RoutedModule:
+    """Build the module of `spec` (a path or `stdlib:<name>`) with the given parameter values."""
+    return compile_file(resolve_spec(spec), model=model, **params)
