@@ -12,7 +12,7 @@
 it does, because selection copies values and every head computes each row independently of the others.
 
 Differentiability. `exit_scores` is differentiable (confidence: c·(onehot(argmax) − p); entropy:
-−p·(log p + H)); at exact ties of the largest logit the confidence gradient goes to every tied class.
+−p·(log p + H)); at exact ties of the largest logit the one-hot goes to the first of them, as torch.max does.
 In `linear_exit` only `logits` carries gradients: the score and the mask are the halting decision, a
 non-differentiable branch (train a learned halting gate through `exit_scores` or its own head instead).
 `select_first_exit` routes the gradient of `out` to the selected exit's rows; `index` has none.
@@ -170,6 +170,14 @@ def _exit_scores_bwd_kernel(
     g = tl.load(dscore_ptr + rows64, mask=row_ok, other=0.0).to(tl.float32)
     log_z = tl.log(z)
     entropy = log_z - s / z
+    if not ENTROPY:  # the first column holding the maximum takes the one-hot (like torch.max)
+        first = tl.full((BLOCK_N,), C, dtype=tl.int32)
+        for c0 in range(0, C, BLOCK_C):
+            cols = c0 + tl.arange(0, BLOCK_C)
+            mask = row_ok[:, None] & (cols[None, :] < C)
+            lg = tl.load(logits_ptr + rows64[:, None] * C + cols[None, :], mask=mask, other=float("-inf"))
+            hit = lg.to(tl.float32) == m[:, None]
+            first = tl.minimum(first, tl.min(tl.where(hit, cols[None, :], C), axis=1))
     for c0 in range(0, C, BLOCK_C):
         cols = c0 + tl.arange(0, BLOCK_C)
         mask = row_ok[:, None] & (cols[None, :] < C)
@@ -180,7 +188,7 @@ def _exit_scores_bwd_kernel(
         if ENTROPY:
             grad = -g[:, None] * p * tl.where(p > 0, logp + entropy[:, None], 0.0)
         else:
-            onehot = tl.where(lg == m[:, None], 1.0, 0.0)
+            onehot = tl.where(cols[None, :] == first[:, None], 1.0, 0.0)
             grad = (g / z)[:, None] * (onehot - p)
         tl.store(dlogits_ptr + offs, grad.to(dlogits_ptr.dtype.element_ty), mask=mask)
 
