@@ -1,0 +1,263 @@
+"""The `routec` command line: check, fmt, list, graph, compile, run.
+
+Every error a user can cause is printed as a diagnostic (`file:line:col: error[CODE]: …`) and exits 1;
+a Python traceback is a bug. Exit codes: 0 success, 1 errors in the input, 2 bad command-line usage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+from .. import stdlib
+from ..dsl import RouteError, format_source, parse, read_source
+
+
+def version() -> str:
+    try:
+        return metadata.version("routec")
+    except metadata.PackageNotFoundError:
+        return "0+unknown"
+
+
+def spec_path(spec: str) -> Path:
+    if spec.startswith("stdlib:"):
+        return stdlib.path(spec[len("stdlib:"):])
+    return Path(spec)
+
+
+def parse_params(items: Sequence[str]) -> dict[str, str]:
+    params: dict[str, str] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise SystemExit(f"routec: --param takes NAME=VALUE, got {item!r}")
+        params[key.strip()] = value
+    return params
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    failed = False
+    for spec in args.files:
+        path = spec_path(spec)
+        text = read_source(path)
+        module = parse(text, str(path))
+        if not args.syntax_only and any(d.kind == "model" for d in module.definitions):
+            from . import compile_source
+
+            compile_source(text, str(path), **parse_params(args.param))
+        print(f"{path}: ok")
+    return 1 if failed else 0
+
+
+def cmd_fmt(args: argparse.Namespace) -> int:
+    changed = False
+    for spec in args.files:
+        path = spec_path(spec)
+        text = read_source(path)
+        out = format_source(text, str(path))
+        if args.check:
+            if out != text:
+                print(f"{path}: would reformat")
+                changed = True
+        elif args.write:
+            if out != text:
+                path.write_text(out, encoding="utf-8")
+                print(f"{path}: reformatted")
+        else:
+            sys.stdout.write(out)
+    return 1 if changed else 0
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    names = stdlib.available()
+    if not names:
+        print("no stdlib specs installed")
+        return 0
+    width = max(len(n) for n in names)
+    for name in names:
+        text = stdlib.path(name).read_text(encoding="utf-8")
+        title = next((line.lstrip("#").strip() for line in text.splitlines() if line.startswith("##")), "")
+        print(f"{name:<{width}}  {title}")
+    return 0
+
+
+def build(args: argparse.Namespace):
+    from . import load
+
+    return load(spec_path(args.spec), model=args.model, **parse_params(args.param))
+
+
+def random_inputs(module: Any, batch: int, length: int, device: str) -> list:
+    import torch
+
+    xs = []
+    for name, dims, dtype in module.inputs:
+        sizes = []
+        for i, d in enumerate(dims):
+            sizes.append(d if isinstance(d, int) else (batch if i == 0 else length))
+        if dtype in ("long", "int"):
+            xs.append(torch.randint(0, 2, sizes, device=device))
+        else:
+            xs.append(torch.randn(sizes, device=device))
+    return xs
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    import torch
+
+    torch.manual_seed(args.seed)
+    t0 = time.perf_counter()
+    net = build(args).to(args.device)
+    compile_s = time.perf_counter() - t0
+    xs = random_inputs(net, args.batch, args.length, args.device)
+    n_params = sum(p.numel() for p in net.parameters())
+    print(f"{net.spec_name}: {n_params:,} parameters, built in {compile_s * 1000:.0f} ms")
+    for (name, dims, dtype), x in zip(net.inputs, xs):
+        print(f"  in  {name}: {list(x.shape)} {dtype or 'float'}")
+    net.eval()
+    with torch.no_grad():
+        out = net(*xs)
+        start = time.perf_counter()
+        for _ in range(args.repeats):
+            out = net(*xs)
+        if args.device.startswith("cuda"):
+            torch.cuda.synchronize()
+        per = (time.perf_counter() - start) / max(args.repeats, 1)
+    fields = out._asdict() if hasattr(out, "_asdict") else {"out": out}
+    for name, value in fields.items():
+        shape = list(value.shape) if hasattr(value, "shape") else value
+        print(f"  out {name}: {shape}")
+    if "exit_index" in fields:
+        idx = fields["exit_index"]
+        counts = torch.bincount(idx.cpu(), minlength=len(net.exit_names))
+        rates = ", ".join(f"{n}={c / idx.numel():.0%}" for n, c in zip(net.exit_names, counts.tolist()))
+        print(f"  exit rates: {rates}")
+    if net.routing:
+        print("  routing: " + ", ".join(f"{kind} {name}" for kind, name in net.routing))
+    print(f"  eval forward: {per * 1000:.2f} ms (batch {args.batch}, {args.device})")
+    if args.train:
+        net.train()
+        opt = torch.optim.Adam(net.parameters(), lr=args.lr)
+        first = None
+        target = None
+        for step in range(args.steps):
+            out = net(*xs)
+            main = out[0] if isinstance(out, tuple) else out
+            if target is None:
+                target = torch.randn_like(main)
+            loss = torch.nn.functional.mse_loss(main, target)
+            if hasattr(out, "exits"):
+                loss = loss + sum(torch.nn.functional.mse_loss(e, target) for e in out.exits)
+            if hasattr(out, "aux_loss"):
+                loss = loss + 0.01 * out.aux_loss
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            first = loss.item() if first is None else first
+            print(f"  train step {step + 1}: loss {loss.item():.4f}")
+        print(f"  loss {first:.4f} → {loss.item():.4f}")
+    return 0
+
+
+def cmd_compile(args: argparse.Namespace) -> int:
+    from .pipeline import dump
+
+    net = build(args)
+    text = dump(net, args.dump_after or "code", spec_path(args.spec))
+    if args.output:
+        Path(args.output).write_text(text + "\n", encoding="utf-8")
+        print(f"wrote {args.output}")
+    else:
+        print(text)
+    return 0
+
+
+def cmd_graph(args: argparse.Namespace) -> int:
+    from .graph import render
+
+    net = build(args)
+    return render(net, args.output)
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="routec", description="A compiler for routed neural networks.")
+    p.add_argument("--version", action="version", version=f"routec {version()}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    c = sub.add_parser("check", help="parse and check specs (exit 1 on errors)")
+    c.add_argument("files", nargs="+", metavar="FILE", help="a .route file or stdlib:<name>")
+    c.add_argument("--syntax-only", action="store_true", help="only parse, do not elaborate models")
+    c.add_argument("--param", action="append", default=[], metavar="NAME=VALUE", help="a model parameter")
+    c.set_defaults(func=cmd_check)
+
+    f = sub.add_parser("fmt", help="print specs in canonical form")
+    f.add_argument("files", nargs="+", metavar="FILE")
+    g = f.add_mutually_exclusive_group()
+    g.add_argument("--write", action="store_true", help="rewrite the files in place")
+    g.add_argument("--check", action="store_true", help="exit 1 if a file is not formatted")
+    f.set_defaults(func=cmd_fmt)
+
+    ls = sub.add_parser("list", help="list the stdlib specs with their papers")
+    ls.set_defaults(func=cmd_list)
+
+    def spec_args(q: argparse.ArgumentParser) -> None:
+        q.add_argument("spec", metavar="SPEC", help="a .route file or stdlib:<name>")
+        q.add_argument("--param", action="append", default=[], metavar="NAME=VALUE", help="a model parameter")
+        q.add_argument("--model", default=None, help="the model or block to build (default: the last model)")
+
+    r = sub.add_parser("run", help="build a spec, run it on random inputs, print shapes, routing and timing")
+    spec_args(r)
+    r.add_argument("--batch", type=int, default=4)
+    r.add_argument("--length", type=int, default=16, help="size of the other symbolic dimensions")
+    r.add_argument("--device", default="cpu", help="cpu or cuda")
+    r.add_argument("--repeats", type=int, default=3)
+    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--train", action="store_true", help="also run a few optimizer steps on random targets")
+    r.add_argument("--steps", type=int, default=5)
+    r.add_argument("--lr", type=float, default=1e-2)
+    r.set_defaults(func=cmd_run)
+
+    co = sub.add_parser("compile", help="print the generated forward code, or the result of a stage")
+    spec_args(co)
+    co.add_argument("-o", "--output", help="write to this file instead of stdout")
+    co.add_argument("--dump-after", metavar="STAGE", help="print the result of a stage (see `routec compile "
+                    "--dump-after list`)")
+    co.set_defaults(func=cmd_compile)
+
+    gr = sub.add_parser("graph", help="draw the routed graph (DOT; SVG/PNG through Graphviz `dot`)")
+    spec_args(gr)
+    gr.add_argument("-o", "--output", required=True, help="g.dot, g.svg or g.png")
+    gr.set_defaults(func=cmd_graph)
+    return p
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    p = parser()
+    args = p.parse_args(argv)
+    if not getattr(args, "command", None):
+        p.print_help()
+        return 2
+    try:
+        return args.func(args)
+    except RouteError as err:
+        sys.stderr.write(err.render() + "\n")
+        n = len(err.diagnostics)
+        sys.stderr.write(f"{n} error{'s' if n != 1 else ''}\n")
+        return 1
+    except KeyError as err:  # unknown stdlib name
+        sys.stderr.write(f"routec: {err.args[0]}\n")
+        return 1
+    except OSError as err:
+        sys.stderr.write(f"routec: {err}\n")
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

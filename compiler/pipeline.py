@@ -1,0 +1,37 @@
+"""The compiler's stages, in order — the table of contents of `routec.compiler`.
+
+| stage     | function                         | result                                                   |
+|-----------|----------------------------------|----------------------------------------------------------|
+| parse     | `routec.dsl.parse`               | frozen AST with spans (every `use`d file too)            |
+| elaborate | `compiler.build.elaborate`       | names resolved, parameters bound, shapes checked, blocks |
+|           |                                  | and repeats expanded, modules built, fx graph emitted    |
+| fx        | `compiler.build.finish`          | the linted `torch.fx.GraphModule` (dead code removed)    |
+| code      | `GraphModule.code`               | the Python `forward` the graph runs                      |
+
+`routec compile SPEC --dump-after STAGE` prints a stage's result.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from ..dsl import parse, read_source
+
+STAGES = ("parse", "elaborate", "fx", "code")
+
+
+def dump(net: Any, stage: str, path: Path) -> str:
+    """The printable result of `stage` for the compiled `net` built from `path`."""
+    if stage == "list":
+        return "\n".join(STAGES)
+    if stage == "parse":
+        return parse(read_source(path), str(path)).model_dump_json(indent=2, exclude_none=True)
+    if stage == "elaborate":
+        lines = [f"{name}: {tuple(p.shape)}" for name, p in net.named_parameters()]
+        return "\n".join(lines)
+    if stage == "fx":
+        return str(net.graph)
+    if stage == "code":
+        return net.graph_module.code
+    raise SystemExit(f"routec: unknown stage {stage!r}; stages: {', '.join(STAGES)}")
