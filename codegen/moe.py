@@ -327,8 +327,14 @@ def _moe_wgrad_kernel(
         p = (start + rq).to(tl.int64)
         a_id = tl.load(order_ptr + p, mask=q_ok, other=0)
         tok = a_id // K
-        a_rows = tok if A_GATHER else p
-        b_rows = tok if B_GATHER else p
+        if A_GATHER:
+            a_rows = tok
+        else:
+            a_rows = p
+        if B_GATHER:
+            b_rows = tok
+        else:
+            b_rows = p
         at = tl.load(a_ptr + a_rows[:, None] * stride_am + rr[None, :] * stride_ar,
                      mask=q_ok[:, None] & r_ok[None, :], other=0.0)  # [BLOCK_P, BLOCK_R]
         bt = tl.load(b_ptr + b_rows[:, None] * stride_bm + rc[None, :] * stride_bc,
