@@ -31,7 +31,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from harness import Case  # benchmarks/ is on sys.path: run.py puts it there
+from harness import Case, optional_impl  # benchmarks/ is on sys.path: run.py puts it there
 
 from routec.codegen.ops import bucket_capacity, compact, gather_rows, linear_exit, scatter_rows, should_compact
 
@@ -144,6 +144,114 @@ def _routec_exit(net, x, exit_layer):
     return out
 
 
+class _Graph:
+    """`fn()` captured once as a CUDA graph and replayed; on CPU, `fn()` called directly.
+
+    `fn` must be idempotent (reads static input buffers, writes distinct static output buffers), since
+    the warm-up before the capture runs it once for real.
+    """
+
+    def __init__(self, fn, device, pool):
+        self.fn, self.graph = fn, None
+        if torch.device(device).type == "cuda":
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                fn()  # Triton compilation, cuBLAS workspaces: nothing may first happen inside the capture
+            torch.cuda.current_stream().wait_stream(side)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph, pool=pool):
+                fn()
+
+    def __call__(self):
+        if self.graph is None:
+            self.fn()
+        else:
+            self.graph.replay()
+
+
+class _GraphedRoutecExit:
+    """`_routec_exit` with each block step and each compaction replayed as a CUDA graph.
+
+    Nothing in the routec path syncs with the host, so every step can be captured; only the capacity
+    (a host int from the lagged count) picks which graph runs next. Per capacity c there are static
+    buffers: hidden rows and alive flags double-buffered by layer parity (so a step reads one and writes
+    the other, and replaying it is idempotent), and the original row index of each packed row. Graphs are
+    captured lazily, keyed by (layer, capacity) for steps and (capacity, new capacity, parity) for
+    compactions, and share one memory pool (their intermediates die inside each replay).
+    """
+
+    def __init__(self, net, exit_layer, n, device):
+        self.net, self.exit_layer, self.n, self.device = net, exit_layer, n, torch.device(device)
+        self.pool = torch.cuda.graph_pool_handle() if self.device.type == "cuda" else None
+        self.graphs, self.buffers = {}, {}
+        self.out = torch.zeros(n, net.classes, device=device, dtype=net.w1[0].dtype)
+        self.count = torch.zeros(1, dtype=torch.int64, device=device)
+
+    def _buffers(self, c):
+        if c not in self.buffers:
+            dtype, d = self.net.w1[0].dtype, self.net.d
+            self.buffers[c] = dict(
+                h=[torch.zeros(c, d, device=self.device, dtype=dtype) for _ in range(2)],
+                alive=[torch.zeros(c, dtype=torch.bool, device=self.device) for _ in range(2)],
+                rows=torch.zeros(c, dtype=torch.int64, device=self.device),
+            )
+        return self.buffers[c]
+
+    def _step(self, i, c):
+        net, buf, last = self.net, self._buffers(c), i == self.net.depth - 1
+        h_in, h_out = buf["h"][i % 2], buf["h"][(i + 1) % 2]
+        alive_in, alive_out, rows = buf["alive"][i % 2], buf["alive"][(i + 1) % 2], buf["rows"]
+
+        def step():
+            h = net.block(h_in, i)
+            logits, _score, _rule_holds = linear_exit(h, net.head_w[i], net.head_b[i], rule="confidence", threshold=0.9)
+            self.out.index_copy_(0, rows, torch.where(alive_in[:, None], logits, self.out.index_select(0, rows)))
+            leave = alive_in if last else alive_in & (self.exit_layer.index_select(0, rows) <= i)
+            alive_out.copy_(alive_in & ~leave)
+            h_out.copy_(h)
+            self.count.copy_(alive_out.sum(dtype=torch.int64).reshape(1))
+
+        return step
+
+    def _compaction(self, c, c_new, parity):
+        old, new = self._buffers(c), self._buffers(c_new)
+
+        def compaction():
+            perm, count = compact(old["alive"][parity])
+            new["h"][parity].copy_(gather_rows(old["h"][parity], perm, count, c_new))
+            new["rows"].copy_(old["rows"].index_select(0, perm[:c_new]))
+            torch.lt(torch.arange(c_new, device=self.device), count, out=new["alive"][parity])
+
+        return compaction
+
+    def _run(self, key, make):
+        if key not in self.graphs:
+            self.graphs[key] = _Graph(make(), self.device, self.pool)
+        self.graphs[key]()
+
+    def __call__(self, x):
+        n, depth = self.n, self.net.depth
+        start = self._buffers(n)
+        start["h"][0].copy_(x)
+        start["rows"].copy_(torch.arange(n, device=self.device))
+        start["alive"][0].fill_(True)
+        self.out.zero_()
+        capacity, live = n, _LaggedCount(n, self.device)
+        for i in range(depth):
+            self._run(("step", i, capacity), lambda: self._step(i, capacity))
+            if i == depth - 1:
+                break
+            live.push(self.count)
+            bound = live.get()
+            new_capacity = bucket_capacity(bound, n, steps_per_octave=STEPS_PER_OCTAVE)
+            if new_capacity < capacity and should_compact(bound, self.net.d, self.device):
+                parity = (i + 1) % 2
+                self._run(("compact", capacity, new_capacity, parity), lambda: self._compaction(capacity, new_capacity, parity))
+                capacity = new_capacity
+        return self.out.clone()
+
+
 def _sizes(small):
     if small:
         return dict(batch=512, d=128, hidden=512, classes=16, depth=12)
@@ -162,6 +270,7 @@ def _end_to_end(device, small):
     # Every block after a boolean index resumes a new graph whose guards see a new row count and layer:
     # dynamic shapes and a recompile limit above the 12 layers keep it compiling instead of falling back.
     compiled = torch._dynamo.config.patch(recompile_limit=64)(torch.compile(_eager_compaction, dynamic=True))
+    graphed = _GraphedRoutecExit(net, exit_layer, s["batch"], device)
     weight_bytes = sum(t.numel() * t.element_size() for t in net.w1 + net.w2 + net.head_w)
     return Case(
         name=f"early_exit_B{s['batch']}_d{s['d']}_x{s['depth']}",
@@ -171,9 +280,10 @@ def _end_to_end(device, small):
             "eager compaction": lambda: _eager_compaction(net, x, exit_layer),
             "compile compaction": lambda: compiled(net, x, exit_layer),
             "routec": lambda: _routec_exit(net, x, exit_layer),
+            "routec + CUDA graphs": lambda: graphed(x),
         },
         baseline="full depth",
-        ours="routec",
+        ours="routec + CUDA graphs" if device == "cuda" else "routec",
         bytes=weight_bytes + 2 * x.numel() * x.element_size(),
         flops=useful,
         notes=(
@@ -206,17 +316,24 @@ def _crossover(device, small):
             return scatter_rows(net.block(packed, 0), perm, count, x)
 
         packed_only = x[:capacity].contiguous()
+        impls = {
+            "masked": masked,
+            "routec compact": compacted,
+            "packed block only": lambda packed_only=packed_only: net.block(packed_only, 0),
+        }
+        unavailable = {}
+        if device == "cuda":  # the same three without launch overheads
+            for label, fn in list(impls.items()):
+                optional_impl(impls, unavailable, f"{label} + CUDA graph", lambda fn=fn: _Graph(fn, device, None))
+        graphs = "masked + CUDA graph" in impls and "routec compact + CUDA graph" in impls
         cases.append(
             Case(
                 name=f"exit_crossover_live{r}_of_{n}",
                 group="exit_crossover",
-                impls={
-                    "masked": masked,
-                    "routec compact": compacted,
-                    "packed block only": lambda packed_only=packed_only: net.block(packed_only, 0),
-                },
-                baseline="masked",
-                ours="routec compact",
+                impls=impls,
+                unavailable=unavailable,
+                baseline="masked + CUDA graph" if graphs else "masked",
+                ours="routec compact + CUDA graph" if graphs else "routec compact",
                 bytes=2 * n * s["d"] * x.element_size() + 2 * s["d"] * s["hidden"] * x.element_size(),
                 flops=net.block_flops(r),
                 notes=(
