@@ -72,7 +72,6 @@ def _check(x: Tensor, weights: Tensor, indices: Tensor, w1: Tensor, w2: Tensor, 
                          f"{list(indices.shape)}")
 
 
-# ----------------------------------------------------------------------------------------------------------
 # Reference: a loop over experts with boolean masks; differentiable, float64-capable.
 
 
@@ -97,10 +96,6 @@ def moe_ffn_reference(
         hidden = _activate(rows @ w1[e], None if w3 is None else rows @ w3[e], activation)  # [n, h]
         y = y.index_add(0, tok, (hidden @ w2[e]) * weights[tok, slot, None])
     return y.to(dtype)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Kernels.
 
 
 @triton.jit
@@ -359,10 +354,6 @@ def _moe_wgrad_kernel(
         tl.store(out2_ptr + off, acc2.to(out2_ptr.dtype.element_ty), mask=ok)
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Launchers.
-
-
 def _pow2(n: int, hi: int) -> int:
     return max(16, min(hi, triton.next_power_of_2(n)))
 
@@ -509,10 +500,6 @@ def _wgrad(cfg, a, a_gather, b, b_gather, out, order, counts, K, *, w=None, b2=N
         BLOCK_R=br, BLOCK_C=bc, BLOCK_P=cfg.block_p, BLOCK_E=triton.next_power_of_2(E),
         num_warps=cfg.warps, num_stages=cfg.stages,
     )
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Custom op.
 
 
 @torch.library.custom_op("routec::moe_ffn", mutates_args=())

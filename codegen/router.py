@@ -86,7 +86,6 @@ def _check(logits: Tensor, k: int, noise: Optional[Tensor] = None, capacity: Opt
         raise ValueError(f"capacity must be >= 0, got {capacity}")
 
 
-# ----------------------------------------------------------------------------------------------------------
 # References: readable loops over the k slots and the experts, differentiable, float64-capable.
 
 
@@ -137,10 +136,6 @@ def route_tokens_reference(
     P = _softmax(z).mean(0)
     aux_loss = E * (f * P).sum()
     return RouterOutput(weights, indices, counts, order, offsets, aux_loss, kept)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Kernels.
 
 
 @triton.jit
@@ -326,9 +321,6 @@ def _gate_bwd_kernel(
     tl.store(dz_ptr + rows64[:, None] * E + cols[None, :], dz.to(dz_ptr.dtype.element_ty), mask=mask)
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Launchers.
-
 def _gate_blocks(E: int, K: int) -> tuple[int, int, int]:
     """(BLOCK_T, BLOCK_E, BLOCK_K) of the gate and sort kernels: one row block is BLOCK_T tokens, sized so
     the sort's [BLOCK_T * BLOCK_K, BLOCK_E] one-hot tile stays around 16K elements (8 rows in the
@@ -437,10 +429,6 @@ def route_tokens_triton(
     counts, offsets, order, kept = sort_by_expert(
         indices, E, weights=weights, capacity=capacity, hist=hist, psum=psum, aux=aux)
     return RouterOutput(weights, indices, counts, order, offsets, aux, kept)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Custom ops.
 
 
 @torch.library.custom_op("routec::router_backward", mutates_args=())
@@ -552,10 +540,6 @@ def _route_tokens_backward(ctx, grad_weights, _gi, _gc, _go, _goff, grad_aux, _g
 
 
 _route_tokens_op.register_autograd(_route_tokens_backward, setup_context=_route_tokens_setup)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Public API (DESIGN §5).
 
 
 def topk_gate(logits: Tensor, k: int, *, normalize: bool = False) -> tuple[Tensor, Tensor]:
