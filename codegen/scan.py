@@ -463,11 +463,14 @@ def _selective_chunk_size(device: torch.device) -> int:
 
 
 def _selective_config(dim: int, n_state: int, backward: bool) -> tuple[int, int]:
-    """(BLOCK_D, num_warps) for the selective kernels (H100 sweep at B4 L2048 D1536 N16: 16 x 16 x N
-    tiles with 2 warps were fastest both ways; wider tiles spill registers in the backward)."""
+    """(BLOCK_D, num_warps) for the selective kernels.
+
+    H100 sweep at B4 L2048 D1536 N16 with CHUNK 16: forward 16 x 8 x N tiles on 2 warps (0.33 ms), backward
+    16 x 4 x N on 1 warp (1.75 ms); wider tiles or CHUNK 32 spill registers in the backward (up to 10 ms).
+    """
     if interpreting():
         return min(16, triton.next_power_of_2(dim)), 4
-    return 16, 2
+    return (4, 1) if backward else (8, 2)
 
 
 def selective_scan_forward(u, delta, A, B, C, D, z, delta_bias, softplus: bool, reverse: bool,
