@@ -194,13 +194,31 @@ def _lex(text: str, file: str, diags: Diagnostics) -> list[Token]:
             work = work[:pos] + " " * (end - pos) + work[end:]
 
 
-def _dangling_doc(tokens: list[Token], i: int) -> bool:
-    """A `##` doc comment documents the next statement; one followed by `}`, `else`… is a plain comment."""
-    for tok in tokens[i + 1:]:
-        if tok.type in ("_NL", "DOC"):
+def _attached_docs(tokens: list[Token]) -> set[int]:
+    """Indices of the `##` lines that document something: a run of them on consecutive lines, directly
+    followed on the next line by a definition, `use`, statement or branch. Any other `##` line (before a
+    blank line, a comment, `}` or the end of the file) is an ordinary comment."""
+    keep: set[int] = set()
+    i, n = 0, len(tokens)
+    while i < n:
+        if tokens[i].type != "DOC":
+            i += 1
             continue
-        return not (tok.type == "NAME" or tok.value in STATEMENT_KEYWORDS or tok.value in ITEM_KEYWORDS)
-    return True
+        run = [i]
+        while True:
+            k = run[-1] + 1
+            while k < n and tokens[k].type == "_NL":
+                k += 1
+            if k < n and tokens[k].type == "DOC" and tokens[k].line == tokens[run[-1]].line + 1:
+                run.append(k)
+            else:
+                break
+        nxt = tokens[k] if k < n else None
+        if (nxt is not None and nxt.line == tokens[run[-1]].line + 1
+                and (nxt.type == "NAME" or nxt.value in STATEMENT_KEYWORDS or nxt.value in ITEM_KEYWORDS)):
+            keep.update(run)
+        i = k
+    return keep
 
 
 def _module_doc(tokens: list[Token]) -> tuple[list[Token], Optional[str]]:
@@ -311,8 +329,9 @@ def _layout(
 
     # Documentation that documents nothing becomes an ordinary comment.
     docs_fixed: list[Token] = []
+    attached = _attached_docs(kept)
     for i, tok in enumerate(kept):
-        if tok.type == "DOC" and _dangling_doc(kept, i):
+        if tok.type == "DOC" and i not in attached:
             comments.append(ast.Comment(span=_span(file, tok), text=tok.value.rstrip()))
             continue
         docs_fixed.append(tok)
@@ -505,6 +524,7 @@ def _parse_tokens(tokens: list[Token], eof: Token, file: str, diags: Diagnostics
     for tok in tokens:
         level.append(open_braces)
         open_braces += {"LBRACE": 1, "RBRACE": -1}.get(tok.type, 0)
+    level.append(open_braces)  # at the end of the file
     interactive = _lark().parse_interactive("")
     state = interactive.parser_state
     table = state.parse_conf.parse_table.states
