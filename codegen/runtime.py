@@ -109,7 +109,8 @@ class HardGate(nn.Module):
                 hard = (soft >= self.threshold).to(soft.dtype)
         else:
             if self.kind == "gumbel" and self.training:
-                g = -torch.log(-torch.log(torch.rand_like(scores).clamp_min(1e-20)).clamp_min(1e-20))
+                u = torch.rand_like(scores).clamp(1e-20, 1.0)
+                g = -torch.log((-torch.log(u)).clamp_min(1e-20))  # Gumbel(0, 1) noise
                 soft = torch.softmax((scores + g) / self.tau, dim=-1)
             else:
                 soft = torch.softmax(scores, dim=-1)

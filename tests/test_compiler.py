@@ -1,0 +1,306 @@
+"""The compiler end to end: every example builds, runs forward and backward, compiles with
+torch.compile(fullgraph=True) and exports; routing semantics (exits, pre-gates, paths, scans) match
+independently written PyTorch; semantic errors are reported with their spans."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+from routec.compiler import compile_source, load
+from routec.dsl import RouteError
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLES = sorted((ROOT / "examples").glob("*.route"))
+
+
+def inputs_for(net, batch=3, length=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    xs = []
+    for _, dims, dtype in net.inputs:
+        shape = [d if isinstance(d, int) else (batch if i == 0 else length) for i, d in enumerate(dims)]
+        if dtype in ("long", "int"):
+            xs.append(torch.randint(0, 2, shape, generator=g))
+        else:
+            xs.append(torch.randn(shape, generator=g))
+    return xs
+
+
+def first(out):
+    return out[0] if isinstance(out, tuple) else out
+
+
+@pytest.fixture(autouse=True)
+def reference_backend(monkeypatch):
+    monkeypatch.setenv("ROUTEC_BACKEND", "reference")
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.stem)
+def test_example_trains_and_evaluates(path):
+    torch.manual_seed(0)
+    net = load(path)
+    xs = inputs_for(net)
+    net.train()
+    out = net(*xs)
+    loss = first(out).float().pow(2).mean()
+    if hasattr(out, "exits"):
+        loss = loss + sum(e.pow(2).mean() for e in out.exits)
+    if hasattr(out, "aux_loss"):
+        loss = loss + out.aux_loss
+    loss.backward()
+    grads = [p.grad for p in net.parameters()]
+    assert any(g is not None and g.abs().sum() > 0 for g in grads)
+    assert torch.isfinite(loss)
+    net.eval()
+    with torch.no_grad():
+        y = first(net(*xs))
+    assert torch.isfinite(y).all()
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.stem)
+def test_example_compiles_fullgraph_and_exports(path):
+    torch.manual_seed(0)
+    net = load(path).eval()
+    xs = inputs_for(net)
+    torch._dynamo.reset()
+    with torch.no_grad():
+        want = net(*xs)
+        got = torch.compile(net, fullgraph=True, backend="eager")(*xs)
+    for a, b in zip(want if isinstance(want, tuple) else (want,), got if isinstance(got, tuple) else (got,)):
+        if isinstance(a, torch.Tensor) and "random" not in path.read_text():
+            torch.testing.assert_close(a, b)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        exported = torch.export.export(net, tuple(xs))
+    assert exported.graph_module is not None
+
+
+def test_state_dict_names_follow_the_spec():
+    net = load(ROOT / "examples" / "moe.route")
+    names = set(net.state_dict())
+    assert "embedding.weight" in names
+    assert "layers.0.moemlp.g.linear.weight" in names
+    assert "layers.1.moemlp.experts.w1" in names
+    assert tuple(net.state_dict()["layers.1.moemlp.experts.w1"].shape) == (8, 32, 64)
+    clone = load(ROOT / "examples" / "moe.route")
+    clone.load_state_dict(net.state_dict())
+    xs = inputs_for(net)
+    net.eval(), clone.eval()
+    torch.testing.assert_close(first(net(*xs)), first(clone(*xs)), rtol=0, atol=0)
+
+
+EXIT_SPEC = """
+model Exits(d: int = 16, depth: int = 4, classes: int = 5, t: float = 0.3) {
+    in x: [B, d]
+    h = x
+    repeat i in depth {
+        h = h + (h -> Linear(d, d) -> tanh)
+        exit head[i] = h -> Linear(d, classes) when confidence(head[i]) >= t
+    }
+}
+"""
+
+
+@pytest.mark.parametrize("threshold", [0.0, 0.3, 1.1])
+def test_compacted_exits_equal_run_all_then_select(threshold):
+    torch.manual_seed(1)
+    net = compile_source(EXIT_SPEC, "exits.route", t=threshold)
+    x = torch.randn(37, 16) * 3
+    net.train()
+    with torch.no_grad():
+        heads = net(x).exits  # every exit on the full batch
+    net.eval()
+    with torch.no_grad():
+        out, index = net(x)
+    # independent selection: the first exit whose max softmax prob reaches the threshold, else the last
+    want_index = torch.full((37,), len(heads) - 1)
+    for i in reversed(range(len(heads))):
+        hit = torch.softmax(heads[i], -1).max(-1).values >= threshold
+        want_index = torch.where(hit, torch.tensor(i), want_index)
+    want = torch.stack(heads)[want_index, torch.arange(37)]
+    assert torch.equal(index, want_index)
+    torch.testing.assert_close(out, want, rtol=1e-6, atol=1e-6)
+    if threshold == 0.0:
+        assert (index == 0).all()
+    if threshold > 1:
+        assert (index == len(heads) - 1).all()
+
+
+def test_pre_gate_routes_only_chosen_rows_and_matches_loop():
+    spec = """
+    model R(d: int = 8, h: int = 16, experts: int = 4, k: int = 2) {
+        in x: [B, T, d]
+        gate g = topk(k) of Linear(d, experts)(x)
+        out route x by g to experts { Linear(d, h, bias=false) -> gelu -> Linear(h, d, bias=false) }
+    }
+    """
+    torch.manual_seed(0)
+    net = compile_source(spec, "r.route").eval()
+    x = torch.randn(2, 5, 8)
+    out = net(x)
+    sd = net.state_dict()
+    logits = x @ sd["g.linear.weight"].T + sd["g.linear.bias"]
+    probs = torch.softmax(logits, -1)
+    w, idx = probs.topk(2, dim=-1)
+    want = torch.zeros_like(x)
+    for b in range(2):
+        for t in range(5):
+            for j in range(2):
+                e = idx[b, t, j]
+                hid = torch.nn.functional.gelu(x[b, t] @ sd["experts.w1"][e])
+                want[b, t] += w[b, t, j] * (hid @ sd["experts.w2"][e])
+    torch.testing.assert_close(out.out, want, rtol=1e-5, atol=1e-5)
+    assert out.aux_loss.ndim == 0
+
+
+def test_shared_instance_shares_weights_and_two_instantiations_do_not():
+    spec = """
+    model S(d: int = 8) {
+        in x: [B, L, d]
+        m = Linear(d, d)
+        paths p(x) {
+            a: m(x)
+            b: x -> flip(1) -> m -> flip(1)
+            c: x -> Linear(d, d)
+        } combine sum
+        out p
+    }
+    """
+    net = compile_source(spec, "s.route")
+    names = [n for n, _ in net.named_parameters()]
+    assert names.count("m.weight") == 1
+    assert "p.c.linear.weight" in names
+    x = torch.randn(2, 3, 8)
+    sd = net.state_dict()
+    lin = lambda v, p: v @ sd[f"{p}.weight"].T + sd[f"{p}.bias"]  # noqa: E731
+    want = lin(x, "m") + lin(x.flip(1), "m").flip(1) + lin(x, "p.c.linear")
+    torch.testing.assert_close(net(x), want)
+
+
+def test_leaky_scan_uses_fused_op_and_matches_loop():
+    spec = """
+    model L(n_in: int = 3, n: int = 6) {
+        in x: [B, T, n_in]
+        param tau: [n] = 2.0
+        scan h over x.T init zeros([B, n]) {
+            h = h + (tanh(Linear(n, n)(h) + Linear(n_in, n)(x.t)) - h) / tau
+            emit y = h
+        }
+        out y
+    }
+    """
+    torch.manual_seed(0)
+    net = compile_source(spec, "l.route")
+    assert any(getattr(n.target, "__name__", "") == "leaky_rnn_scan" for n in net.graph.nodes)
+    x = torch.randn(2, 7, 3)
+    sd = net.state_dict()
+    h = torch.zeros(2, 6)
+    ys = []
+    for t in range(7):
+        pre = h @ sd["h.linear.weight"].T + sd["h.linear.bias"] + x[:, t] @ sd["h.linear_1.weight"].T \
+            + sd["h.linear_1.bias"]
+        h = h + (torch.tanh(pre) - h) / sd["tau"]
+        ys.append(h)
+    torch.testing.assert_close(net(x), torch.stack(ys, 1), rtol=1e-5, atol=1e-6)
+
+
+def test_general_scan_matches_loop_and_linear_scan_is_fused():
+    spec = """
+    model G(d: int = 4) {
+        in x: [B, T, d]
+        a = x -> Linear(d, d) -> sigmoid
+        scan h over x.T init zeros([B, d]) {
+            h = a.t * h + x.t
+            emit y = h
+        }
+        scan s over x.T reverse init zeros([B, d]) {
+            s = tanh(s * 0.5 + x.t)
+            emit z = s
+        }
+        out y + z
+    }
+    """
+    torch.manual_seed(0)
+    net = compile_source(spec, "g.route")
+    targets = [getattr(n.target, "__name__", str(n.target)) for n in net.graph.nodes]
+    assert "linear_scan" in targets and "s_scan_reverse" in targets
+    x = torch.randn(2, 5, 4)
+    sd = net.state_dict()
+    a = torch.sigmoid(x @ sd["linear.weight"].T + sd["linear.bias"])
+    h, s = torch.zeros(2, 4), torch.zeros(2, 4)
+    ys, zs = [], [None] * 5
+    for t in range(5):
+        h = a[:, t] * h + x[:, t]
+        ys.append(h)
+    for t in reversed(range(5)):
+        s = torch.tanh(s * 0.5 + x[:, t])
+        zs[t] = s
+    torch.testing.assert_close(net(x), torch.stack(ys, 1) + torch.stack(zs, 1), rtol=1e-5, atol=1e-6)
+
+
+SEMANTIC_ERRORS = [
+    ("model M(d: int = 4) {\n    in x: [B, d]\n    out x -> Lineer(d, d)\n}\n",
+     "m.route:3:14: error[R101]: undefined name `Lineer`\n"
+     "  3 |     out x -> Lineer(d, d)\n    |              ^~~~~~\n   = help: did you mean `Linear`?"),
+    ("model M(d: int = 4) {\n    in x: [B, T, d]\n    paths p(x) {\n        a: x -> Linear(d, 8)\n"
+     "        b: x -> Linear(d, 6)\n    } combine sum\n    out p\n}\n",
+     "m.route:5:9: error[R144]: paths of `combine sum` must have equal shapes, got [B, T, 8] and [B, T, 6]"),
+    ("model M(d: int = 4) {\n    in x: [B, T, d]\n    gate g = topk(4) of Linear(d, 3)(x)\n"
+     "    out route x by g to experts { Linear(d, 8) -> gelu -> Linear(8, d) }\n}\n",
+     "m.route:3:5: error[R132]: `topk(k=4)` needs at least 4 experts, got 3"),
+    ("model M(d: int = 4) {\n    in x: [B, T, d]\n    exit e = x -> Linear(d, 3) when confidence(e) >= 0.5\n"
+     "    out x\n}\n",
+     "m.route:3:14: error[R150]: `exit` head must produce [B, C] logits, got [B, T, 3]"),
+    ("model M(d: int = 4) {\n    in x: [B, T, d]\n    scan h over x.T init zeros([B, 8]) {\n"
+     "        h = x.t -> Linear(d, 4)\n    }\n    out h\n}\n",
+     "m.route:3:5: error[R166]: scan state `h` is [B, 8] but the body assigns [B, 4]"),
+    ("model M(d: int = 4) {\n    in x: [B, T, d]\n    out x -> Linear(8, 2)\n}\n",
+     "m.route:3:14: error[R121]: `Linear(8, …)` expects the last dimension to be 8, got [B, T, 4]"),
+    ("model M(d: int = 4) {\n    in x: [B, T, d]\n    out x -> Linear(d, 2, bais=false)\n}\n",
+     "m.route:3:14: error[R110]: `Linear` has no argument `bais`; did you mean `bias`?"),
+]
+
+
+@pytest.mark.parametrize("source,expected", SEMANTIC_ERRORS, ids=[e[1].split("]")[0][-4:] for e in SEMANTIC_ERRORS])
+def test_semantic_errors_render_with_spans(source, expected):
+    with pytest.raises(RouteError) as info:
+        compile_source(source, "m.route")
+    rendered = info.value.render()
+    assert rendered.startswith(expected), rendered
+
+
+def test_all_errors_are_collected():
+    source = "model M(d: int = 4) {\n    in x: [B, d]\n    a = x -> Foo(d)\n    b = x -> Bar(d)\n    out a\n}\n"
+    with pytest.raises(RouteError) as info:
+        compile_source(source, "m.route")
+    assert info.value.codes == ["R101", "R101"]
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "-m", "routec.compiler.cli", *args], capture_output=True, text=True)
+
+
+def test_cli_run_and_graph(tmp_path):
+    done = run_cli("run", str(ROOT / "examples" / "early_exit.route"), "--batch", "3", "--train", "--steps", "2")
+    assert done.returncode == 0, done.stderr
+    assert "exit rates:" in done.stdout and "train step 2" in done.stdout
+    dot = tmp_path / "g.dot"
+    done = run_cli("graph", str(ROOT / "examples" / "moe.route"), "-o", str(dot))
+    assert done.returncode == 0, done.stderr
+    text = dot.read_text()
+    assert "shape=diamond" in text and "shape=box3d" in text
+
+
+def test_cli_errors_have_no_traceback(tmp_path):
+    bad = tmp_path / "bad.route"
+    bad.write_text("model M(d: int = 4) {\n    in x: [B, d]\n    out x -> Lineer(d, d)\n}\n")
+    done = run_cli("check", str(bad))
+    assert done.returncode == 1
+    assert "error[R101]" in done.stderr and "Traceback" not in done.stderr
+    done = run_cli("run", "stdlib:no_such_spec")
+    assert done.returncode == 1 and "Traceback" not in done.stderr
