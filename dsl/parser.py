@@ -86,8 +86,18 @@ def _keywords() -> dict[str, str]:
 KEYWORDS: tuple[str, ...] = ()  # filled below, after the grammar is known to load
 
 
+def _line(tok: Token) -> int:
+    """Positions of lexed tokens are always set; Lark types them Optional."""
+    return tok.line or 1
+
+
+def _col(tok: Token) -> int:
+    return tok.column or 1
+
+
 def _span(file: str, tok: Token) -> Span:
-    return Span(file=file, line=tok.line, col=tok.column, end_line=tok.end_line, end_col=tok.end_column)
+    return Span(file=file, line=_line(tok), col=_col(tok), end_line=tok.end_line or _line(tok),
+                end_col=tok.end_column or _col(tok) + 1)
 
 
 def _meta_span(file: str, meta: Any) -> Span:
@@ -175,14 +185,14 @@ def _lex(text: str, file: str, diags: Diagnostics) -> list[Token]:
         try:
             return list(LexerThread.from_text(lexer, work).lex(None))
         except UnexpectedCharacters as err:
-            pos = err.pos_in_stream
+            pos = err.pos_in_stream or 0
             ch = work[pos]
-            span = Span.point(file, err.line, err.column)
+            span = Span.point(file, err.line or 1, err.column or 1)
             if ch == '"':
                 end = work.find("\n", pos)
                 end = len(work) if end < 0 else end
-                span = Span(file=file, line=err.line, col=err.column, end_line=err.line,
-                            end_col=err.column + end - pos)
+                span = Span(file=file, line=span.line, col=span.col, end_line=span.line,
+                            end_col=span.col + end - pos)
                 diags.error("R007", "unterminated string", span, help="close the string with `\"` on the same line")
             else:
                 end = pos + 1
@@ -209,12 +219,12 @@ def _attached_docs(tokens: list[Token]) -> set[int]:
             k = run[-1] + 1
             while k < n and tokens[k].type == "_NL":
                 k += 1
-            if k < n and tokens[k].type == "DOC" and tokens[k].line == tokens[run[-1]].line + 1:
+            if k < n and tokens[k].type == "DOC" and _line(tokens[k]) == _line(tokens[run[-1]]) + 1:
                 run.append(k)
             else:
                 break
         nxt = tokens[k] if k < n else None
-        if (nxt is not None and nxt.line == tokens[run[-1]].line + 1
+        if (nxt is not None and _line(nxt) == _line(tokens[run[-1]]) + 1
                 and (nxt.type == "NAME" or nxt.value in STATEMENT_KEYWORDS or nxt.value in ITEM_KEYWORDS)):
             keep.update(run)
         i = k
@@ -228,7 +238,7 @@ def _module_doc(tokens: list[Token]) -> tuple[list[Token], Optional[str]]:
     i = 0
     while i < len(tokens) and tokens[i].type in ("WS", "_NL", "DOC"):
         if tokens[i].type == "DOC":
-            if docs and tokens[i].line > docs[-1].line + 1:
+            if docs and _line(tokens[i]) > _line(docs[-1]) + 1:
                 return tokens, None
             docs.append(tokens[i])
         elif tokens[i].type == "_NL" and docs:
@@ -355,9 +365,9 @@ def _misindented_closers(kept: list[Token], unclosed: Token, file: str) -> list[
     indent: dict[int, int] = {}
     line_first: dict[int, Token] = {}
     for tok in kept:
-        line_first.setdefault(tok.line, tok)
+        line_first.setdefault(_line(tok), tok)
     for line, tok in line_first.items():
-        indent[line] = tok.column
+        indent[line] = _col(tok)
     stack: list[Token] = []
     started = False
     for tok in kept:
@@ -370,7 +380,7 @@ def _misindented_closers(kept: list[Token], unclosed: Token, file: str) -> list[
             stack.append(tok)
         elif tok.type == "RBRACE" and stack:
             opener = stack.pop()
-            if line_first.get(tok.line) is tok and indent.get(opener.line) != tok.column:
+            if line_first.get(_line(tok)) is tok and indent.get(_line(opener)) != _col(tok):
                 return [Note(message="this `{` may be the one left open: the `}` that closes it is indented "
                                      "differently", span=_span(file, opener))]
     return []
@@ -379,7 +389,7 @@ def _misindented_closers(kept: list[Token], unclosed: Token, file: str) -> list[
 def _eof_span(file: str, last: Optional[Token]) -> Span:
     if last is None:
         return Span.point(file, 1, 1)
-    return Span.point(file, last.end_line, last.end_column)
+    return Span.point(file, last.end_line or _line(last), last.end_column or _col(last))
 
 
 # Syntax errors in the language's words
@@ -478,10 +488,10 @@ def _syntax_error(tokens: list[Token], i: int, tok: Token, expected: set[str], f
     # `sacn h over x.T …`: a misspelt keyword lexes as a name, and the error shows at the next token.
     if i >= 1 and tokens[i - 1].type == "NAME" and _statement_start(tokens, i - 1) and tok.type != "EQUAL":
         prev = tokens[i - 1]
-        pool = ITEM_KEYWORDS if {"USE", "BLOCK"} & expected or _top_level(tokens, i - 1) else STATEMENT_KEYWORDS
-        hint = _did_you_mean(prev.value, pool)
+        keywords = ITEM_KEYWORDS if {"USE", "BLOCK"} & expected or _top_level(tokens, i - 1) else STATEMENT_KEYWORDS
+        hint = _did_you_mean(prev.value, keywords)
         if hint:
-            what = "definition" if pool is ITEM_KEYWORDS else "statement"
+            what = "definition" if keywords is ITEM_KEYWORDS else "statement"
             diags.error("R010", f"unknown {what} keyword `{prev.value}`", _span(file, prev), help=hint)
             return
     if tok.type in ("ELSE", "COMBINE") and "RBRACE" not in {t.type for t in tokens[i - 1:i]}:
@@ -489,12 +499,12 @@ def _syntax_error(tokens: list[Token], i: int, tok: Token, expected: set[str], f
         diags.error("R010", f"`{tok.value}` must follow the closing `}}` of {owner} block", _span(file, tok))
         return
     message = f"expected {describe_expected(expected)}, found {describe_token(tok)}"
-    span = _span(file, tok) if tok.type != "$END" else Span.point(file, tok.line, tok.column)
+    span = _span(file, tok) if tok.type != "$END" else Span.point(file, _line(tok), _col(tok))
     help = None
     if tok.type == "NAME":
         allowed = [w for w, term in words.items() if term in expected]
         if tok.value not in words:
-            pool = allowed or (list(ITEM_KEYWORDS) if _ITEM_START & expected else [])
+            pool: Iterable[str] = allowed or (ITEM_KEYWORDS if _ITEM_START & expected else ())
             help = _did_you_mean(tok.value, pool)
         if help is None and _ITEM_START & expected:
             help = _did_you_mean(tok.value, ITEM_KEYWORDS)
@@ -640,7 +650,7 @@ class _ToAst(Transformer_NonRecursive):
 
     def _from(self, tok: Token, node: ast.Node) -> Span:
         """From the start of `tok` to the end of `node` (a span that leaves out leading doc comments)."""
-        return Span(file=self.file, line=tok.line, col=tok.column, end_line=node.span.end_line,
+        return Span(file=self.file, line=_line(tok), col=_col(tok), end_line=node.span.end_line,
                     end_col=node.span.end_col)
 
     # File level
@@ -848,7 +858,7 @@ class _ToAst(Transformer_NonRecursive):
     def name(self, meta, children):
         return ast.Name(span=self._s(meta), id=children[0].value)
 
-    def int(self, meta, children):
+    def int_lit(self, meta, children):
         tok = children[0]
         value = int(tok.value) if len(tok.value) <= 20 else MAX_INT + 1
         if value > MAX_INT:
@@ -856,7 +866,7 @@ class _ToAst(Transformer_NonRecursive):
             value = 0
         return ast.Int(span=self._s(meta), value=value)
 
-    def float(self, meta, children):
+    def float_lit(self, meta, children):
         tok = children[0]
         value = float(tok.value)
         if value in (float("inf"), float("-inf")):
@@ -864,7 +874,7 @@ class _ToAst(Transformer_NonRecursive):
             value = 0.0
         return ast.Float(span=self._s(meta), value=value)
 
-    def string(self, meta, children):
+    def string_lit(self, meta, children):
         return ast.Str(span=self._s(meta), value=self._string(children[0]))
 
     def true(self, meta, children):
@@ -873,10 +883,10 @@ class _ToAst(Transformer_NonRecursive):
     def false(self, meta, children):
         return ast.Bool(span=self._s(meta), value=False)
 
-    def tuple(self, meta, children):
+    def tuple_expr(self, meta, children):
         return ast.TupleExpr(span=self._s(meta), items=tuple(c for c in children if c is not None))
 
-    def list(self, meta, children):
+    def list_expr(self, meta, children):
         return ast.ListExpr(span=self._s(meta), items=tuple(c for c in children if c is not None))
 
     def args(self, meta, children):
@@ -903,7 +913,7 @@ class _ToAst(Transformer_NonRecursive):
     def ellipsis(self, meta, children):
         return ast.EllipsisIndex(span=self._s(meta))
 
-    def slice(self, meta, children):
+    def slice_expr(self, meta, children):
         start, stop, step = (list(children) + [None, None, None])[:3]
         return ast.Slice(span=self._s(meta), start=start, stop=stop, step=step)
 
@@ -938,9 +948,9 @@ class _ToAst(Transformer_NonRecursive):
             if ch == "\\":
                 esc = body[i + 1]
                 if esc not in _ESCAPES:
-                    col = tok.column + 1 + i
+                    col = _col(tok) + 1 + i
                     self.diags.error("R018", f"unknown escape `\\{esc}` in string",
-                                     Span(file=self.file, line=tok.line, col=col, end_line=tok.line, end_col=col + 2),
+                                     Span(file=self.file, line=_line(tok), col=col, end_line=_line(tok), end_col=col + 2),
                                      help="strings know `\\\"`, `\\\\`, `\\n` and `\\t`")
                 out.append(_ESCAPES.get(esc, esc))
                 i += 2
