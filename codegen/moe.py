@@ -67,6 +67,9 @@ def _check(x: Tensor, weights: Tensor, indices: Tensor, w1: Tensor, w2: Tensor, 
     if w1.shape[1] != d or tuple(w2.shape) != (E, h, d) or (w3 is not None and w3.shape != w1.shape):
         raise ValueError(f"expert weights must be w1 [E, d, h], w2 [E, h, d] (w3 like w1) with d={d}, got "
                          f"{list(w1.shape)}, {list(w2.shape)}" + ("" if w3 is None else f", {list(w3.shape)}"))
+    if any(w is not None and w.dtype != x.dtype for w in (w1, w2, w3)):
+        raise ValueError(f"expert weights must have x's dtype {x.dtype}, got "
+                         f"{[None if w is None else w.dtype for w in (w1, w2, w3)]}")
     if indices.dim() != 2 or indices.shape[0] != T or weights.shape != indices.shape:
         raise ValueError(f"weights and indices must both be [T={T}, k], got {list(weights.shape)} and "
                          f"{list(indices.shape)}")

@@ -10,9 +10,8 @@ from routec.codegen import moe as moe_mod
 from routec.codegen.backend import interpreting
 from routec.codegen.ops import moe_ffn, route_tokens
 
-needs_triton = pytest.mark.skipif(
-    not (interpreting() or torch.cuda.is_available()), reason="Triton kernels need TRITON_INTERPRET=1 or CUDA"
-)
+needs_triton = pytest.mark.skipif(not interpreting(), reason="Triton kernels on CPU tensors need TRITON_INTERPRET=1")
+needs_cuda = pytest.mark.skipif(interpreting() or not torch.cuda.is_available(), reason="needs a CUDA device")
 
 GLU = ("swiglu", "geglu")
 
@@ -189,3 +188,29 @@ def test_bad_arguments(activation, with_w3):
     x, weights, indices, w1, w2, w3 = _problem(3, 4, 4, 2, 1, "swiglu")
     with pytest.raises(ValueError):
         moe_ffn(x, weights, indices, w1, w2, activation=activation, w3=w3 if with_w3 else None)
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("T,d,h,E,k,activation,dead", [
+    (300, 128, 96, 8, 2, "gelu", (3,)), (257, 64, 160, 8, 1, "relu", ()), (333, 128, 128, 16, 4, "swiglu", (0, 9)),
+    (150, 64, 64, 5, 5, "geglu", ()), (2048, 256, 512, 64, 8, "silu", ()),
+])
+def test_cuda_kernels_match_float64_reference(monkeypatch, dtype, T, d, h, E, k, activation, dead):
+    """The compiled kernels on a GPU (tensor-core tiles, bf16 operands) against the float64 reference."""
+    monkeypatch.setenv("ROUTEC_POISON", "1")
+    args = [None if t is None else t.to("cuda") for t in _problem(T, d, h, E, k, activation, dead=dead, seed=T)]
+    x, weights, indices, w1, w2, w3 = args
+    gy = torch.cos(torch.arange(T * d, dtype=torch.float64, device="cuda")).reshape(T, d)
+    results = []
+    for backend, cast in (("triton", dtype), ("reference", torch.float64)):
+        monkeypatch.setenv("ROUTEC_BACKEND", backend)
+        leaves = [None if t is None else t.to(dtype).to(cast).requires_grad_() for t in (x, weights, w1, w2, w3)]
+        y = moe_ffn(leaves[0], leaves[1], indices, leaves[2], leaves[3], activation=activation, w3=leaves[4])
+        grads = torch.autograd.grad(y, [t for t in leaves if t is not None], gy.to(y.dtype))
+        results.append([y, *grads])
+    tol = 2e-5 if dtype == torch.float32 else 3e-2
+    for got, want in zip(*results):
+        assert not torch.isnan(got).any()
+        err = (got.double() - want).abs().max().item()
+        assert err <= tol * max(1.0, want.abs().max().item()), err
