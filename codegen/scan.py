@@ -543,24 +543,28 @@ def _selective_scan_op(
     u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor], z: Optional[Tensor],
     delta_bias: Optional[Tensor], delta_softplus: bool, reverse: bool,
 ) -> tuple[Tensor, Tensor]:
-    """Returns (y, checkpoints): the state entering every chunk, kept for the Triton backward (the
-    reference path returns zeros of the same shape, which its backward does not read)."""
-    if use_triton(u, delta, A, B, C, D, z, delta_bias):
+    """Returns (y, checkpoints): the state entering every chunk, kept for the Triton backward. The
+    reference path needs none and returns an empty [Bt, 0, D, N]; the backend choice depends only on
+    devices and environment, so the fake implementation makes the same choice."""
+    triton_path = use_triton(u, delta, A, B, C, D, z, delta_bias)
+    if triton_path:
         return selective_scan_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse)
     with torch.no_grad():
         y = selective_scan_reference(u, delta, A, B, C, D, z, delta_bias,
                                      delta_softplus=delta_softplus, reverse=reverse)
-    return y, u.new_zeros(_ckpt_shape(u, A), dtype=torch.float32)
+    return y, u.new_zeros(_ckpt_shape(u, A, triton_path), dtype=torch.float32)
 
 
-def _ckpt_shape(u: Tensor, A: Tensor) -> tuple[int, int, int, int]:
+def _ckpt_shape(u: Tensor, A: Tensor, triton_path: bool) -> tuple[int, int, int, int]:
     bsz, length, dim = u.shape
-    return bsz, -(-length // _selective_chunk_size(u.device)), dim, A.shape[1]
+    chunks = -(-length // _selective_chunk_size(u.device)) if triton_path else 0
+    return bsz, chunks, dim, A.shape[1]
 
 
 @_selective_scan_op.register_fake
 def _(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse):
-    return torch.empty_like(u), u.new_empty(_ckpt_shape(u, A), dtype=torch.float32)
+    triton_path = use_triton(u, delta, A, B, C, D, z, delta_bias)
+    return torch.empty_like(u), u.new_empty(_ckpt_shape(u, A, triton_path), dtype=torch.float32)
 
 
 def _selective_setup(ctx, inputs, output):
