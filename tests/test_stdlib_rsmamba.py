@@ -240,7 +240,6 @@ def full_pair(small=SMALL):
     return net, ref
 
 
-@pytest.mark.xfail(strict=True, reason="compiler lacks `pad` (mmcv's corner padding of the patch embedding)")
 def test_model_matches_reference_in_eval(monkeypatch):
     torch.manual_seed(2)
     net, ref = full_pair()
@@ -254,7 +253,6 @@ def test_model_matches_reference_in_eval(monkeypatch):
         torch.testing.assert_close(got, ref(img, drawn), rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.xfail(strict=True, reason="compiler lacks `pad` (mmcv's corner padding of the patch embedding)")
 def test_model_train_step(monkeypatch):
     torch.manual_seed(3)
     net, ref = full_pair()
