@@ -60,13 +60,17 @@ def time_callable(fn: Callable[[], object], device: str, repeats: int, warmup: i
     CUDA: CUDA events around each call after `warmup` calls; CPU: time.perf_counter. Slow impls (a
     Python loop over time) get fewer repeats, at least 3, so that one impl takes about `budget_s`.
     """
+    start = time.perf_counter()
     fn()  # first call: compilation, autotuning, caches
     _sync(device)
+    first = time.perf_counter() - start
+    if first > budget_s / 4:
+        warmup = 0  # a slow impl (a Python loop over time) is warm after one call
     start = time.perf_counter()
     for _ in range(warmup):
         fn()
     _sync(device)
-    per_call = (time.perf_counter() - start) / max(warmup, 1)
+    per_call = (time.perf_counter() - start) / warmup if warmup else first
     n = max(3, min(repeats, int(budget_s / max(per_call, 1e-6))))
     times = []
     for _ in range(n):

@@ -1,4 +1,4 @@
-"""Run routec's benchmarks: `python benchmarks/run.py [--device cpu|cuda] [--small] [--filter S] [--out DIR] [--repeats N]`.
+"""Run routec's benchmarks: `python benchmarks/run.py [--device cpu|cuda] [--small] [--filter REGEX] [--out DIR] [--repeats N]`.
 
 Discovers every `benchmarks/cases_*.py` module; each exposes `cases(device, small) -> list[Case]`. All
 cases run in this one process on one device, next to a copy ceiling measured in the same run; the ratio
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import re
 import sys
 import time
 from pathlib import Path
@@ -37,7 +38,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--small", action="store_true", help="small shapes (CPU, tests)")
-    parser.add_argument("--filter", default="", help="run only cases whose group or name contains this string")
+    parser.add_argument("--filter", default="", help="run only cases whose group or name matches this regular "
+                        "expression (re.search, so a plain substring works)")
     parser.add_argument("--out", default="out/bench", help="directory for results.json and results.png")
     parser.add_argument("--repeats", type=int, default=20, help="timed calls per impl (fewer for slow ones)")
     args = parser.parse_args(argv)
@@ -50,7 +52,7 @@ def main(argv: list[str] | None = None) -> dict:
     report["cases"] = []
     for module in discover():
         for case in module.cases(args.device, args.small):
-            if args.filter and args.filter not in case.group and args.filter not in case.name:
+            if args.filter and not (re.search(args.filter, case.group) or re.search(args.filter, case.name)):
                 continue
             print(f"running {case.name} ...", file=sys.stderr, flush=True)
             report["cases"].append(harness.run_case(case, args.device, args.repeats, report["copy"]["gbps"]))

@@ -234,10 +234,26 @@ def _linear_scan_setup(ctx, inputs, output):
     ctx.reverse = reverse
 
 
+@torch.library.custom_op("routec::linear_scan_backward", mutates_args=())
+def _linear_scan_backward_op(
+    a: Tensor, h0: Optional[Tensor], h: Tensor, dh: Tensor, reverse: bool
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The Triton backward as an op of its own, so that compiled backward graphs can trace it; dh0 is an
+    empty tensor when there is no h0."""
+    da, db, dh0 = linear_scan_backward(a, h0, h, dh, reverse)
+    return da, db, dh0 if dh0 is not None else a.new_empty(0)
+
+
+@_linear_scan_backward_op.register_fake
+def _(a, h0, h, dh, reverse):
+    return torch.empty_like(a), torch.empty_like(h), torch.empty_like(h0) if h0 is not None else a.new_empty(0)
+
+
 def _linear_scan_bwd(ctx, dh):
     a, b, h0, h = ctx.saved_tensors
     if use_triton(a, b, h0):
-        da, db, dh0 = linear_scan_backward(a, h0, h, dh, ctx.reverse)
+        da, db, dh0 = torch.ops.routec.linear_scan_backward(a, h0, h, dh, ctx.reverse)
+        dh0 = dh0 if h0 is not None else None
     else:
         def ref(a_, b_, h0_):
             return linear_scan_reference(a_, b_, h0_, reverse=ctx.reverse)
@@ -538,6 +554,22 @@ def selective_scan_backward(u, delta, A, B, C, D, z, delta_bias, softplus: bool,
     return du, ddelta, dA, dB, dC, dD, dz, dbias
 
 
+@torch.library.custom_op("routec::selective_scan_backward", mutates_args=())
+def _selective_scan_backward_op(
+    u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor], z: Optional[Tensor],
+    delta_bias: Optional[Tensor], delta_softplus: bool, reverse: bool, ckpt: Tensor, dy: Tensor,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """The Triton backward as an op of its own (traceable by compiled backward graphs). Gradients of
+    absent optional inputs come back as empty tensors."""
+    grads = selective_scan_backward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse, ckpt, dy)
+    return tuple(g if g is not None else u.new_empty(0) for g in grads)
+
+
+@_selective_scan_backward_op.register_fake
+def _(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse, ckpt, dy):
+    return tuple(torch.empty_like(x) if x is not None else u.new_empty(0) for x in (u, delta, A, B, C, D, z, delta_bias))
+
+
 @torch.library.custom_op("routec::selective_scan", mutates_args=())
 def _selective_scan_op(
     u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor], z: Optional[Tensor],
@@ -580,9 +612,9 @@ def _selective_bwd(ctx, dy, _dckpt):
     if dy is None:
         return (None,) * 10
     if use_triton(*inputs):
-        grads = selective_scan_backward(*inputs, ctx.softplus, ctx.reverse, ckpt, dy)
-        du, ddelta, dA, dB, dC, dD, dz, dbias = grads
-        return du, ddelta, dA, dB, dC, dD, dz, dbias, None, None
+        grads = torch.ops.routec.selective_scan_backward(*inputs, ctx.softplus, ctx.reverse, ckpt, dy)
+        grads = tuple(g if x is not None else None for g, x in zip(grads, inputs))
+        return (*grads, None, None)
 
     def ref(*args):
         return selective_scan_reference(*args, delta_softplus=ctx.softplus, reverse=ctx.reverse)

@@ -14,7 +14,7 @@ def test_runner_small_scan_cases_on_cpu(tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "ROUTEC_BACKEND", "ROUTEC_POISON")}
     out_dir = tmp_path / "bench"
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "run.py"), "--device", "cpu", "--small", "--filter", "scan",
+        [sys.executable, str(ROOT / "benchmarks" / "run.py"), "--device", "cpu", "--small", "--filter", "^(linear|selective)_scan",
          "--out", str(out_dir), "--repeats", "3"],
         env=env, capture_output=True, text=True, timeout=120,
     )

@@ -209,6 +209,30 @@ def test_compile_fullgraph_through_ops(reference_backend):
     assert all(x.grad is not None and torch.isfinite(x.grad).all() for x in (a, b, h0) + sel)
 
 
+def test_compile_fullgraph_triton_path(triton_backend):
+    """The compiled graphs run the Triton kernels and trace their backward ops (fake impls included)."""
+    inputs = _selective_inputs(1, 9, 3, 2, seed=4)
+    leaves = tuple(x.clone().requires_grad_(True) for x in inputs)
+    compiled = torch.compile(lambda *x: ops.selective_scan(*x, delta_softplus=True), fullgraph=True, backend="aot_eager")
+    y = compiled(*leaves)
+    ref_inputs = tuple(x.double() for x in inputs)
+    _close(y, scan.selective_scan_reference(*ref_inputs, delta_softplus=True), 1e-4)
+    y.sum().backward()
+    ref_grads = reference_vjp(lambda *x: scan.selective_scan_reference(*x, delta_softplus=True), ref_inputs,
+                              (torch.ones(y.shape, dtype=torch.float64),))
+    for leaf, expected in zip(leaves, ref_grads):
+        _close(leaf.grad, expected, 2e-4)
+
+    a, b, h0 = (x.requires_grad_(True) for x in _linear_inputs(2, 11, 3, True))
+    h = torch.compile(lambda *x: ops.linear_scan(*x, reverse=True), fullgraph=True, backend="aot_eager")(a, b, h0)
+    _close(h, scan.linear_scan_reference(a.double(), b.double(), h0.double(), reverse=True), 1e-5)
+    h.sum().backward()
+    ref_grads = reference_vjp(lambda *x: scan.linear_scan_reference(*x, reverse=True),
+                              (a.double(), b.double(), h0.double()), (torch.ones(h.shape, dtype=torch.float64),))
+    for leaf, expected in zip((a, b, h0), ref_grads):
+        _close(leaf.grad, expected, 1e-5)
+
+
 def test_fake_shapes(reference_backend):
     from torch._subclasses.fake_tensor import FakeTensorMode
 
