@@ -234,8 +234,8 @@ def pair(small=SMALL):
     return net, ref
 
 
-GAPS = ("compiler lacks `std`, a `route_table` function with the diagonal and spiral routes, and an "
-        "initialiser for A_log = log(1 … N)")
+GAPS = ("compiler lacks a tensor-free `route_table(kind, H, W)` function (with the diagonal and spiral routes) "
+        "for the scan `order`, and an initialiser for A_log = log(1 … N)")
 
 
 @pytest.mark.xfail(strict=True, reason=GAPS)
