@@ -15,6 +15,7 @@ map (coefficient 1, input 0) and so carry the state through unchanged.
 from __future__ import annotations
 
 import math
+import os
 from typing import Optional
 
 import torch
@@ -148,8 +149,6 @@ def _linear_scan_kernel(
 
 def _poison() -> bool:
     """Tests set ROUTEC_POISON=1 so that launchers fill their outputs with NaN before the kernel runs."""
-    import os
-
     return os.environ.get("ROUTEC_POISON", "") == "1"
 
 
