@@ -33,7 +33,15 @@ import torch.nn.functional as F
 
 from harness import Case, optional_impl  # benchmarks/ is on sys.path: run.py puts it there
 
-from routec.codegen.ops import bucket_capacity, compact, gather_rows, linear_exit, scatter_rows, should_compact
+from routec.codegen.ops import (
+    bucket_capacity,
+    compact,
+    exit_merge,
+    gather_rows,
+    linear_exit,
+    scatter_rows,
+    should_compact,
+)
 
 EXIT_RATE = 0.06
 STEPS_PER_OCTAVE = 16  # capacity buckets: 6% a layer needs finer steps than powers of two
@@ -121,15 +129,15 @@ class _LaggedCount:
 def _routec_exit(net, x, exit_layer):
     n = x.shape[0]
     out = x.new_zeros(n, net.classes)
+    index = torch.zeros(n, dtype=torch.int64, device=x.device)  # the exit each sample took
     h, rows = x, torch.arange(n, device=x.device)  # rows: original index of each packed row
     alive = torch.ones(n, dtype=torch.bool, device=x.device)
     capacity, live = n, _LaggedCount(n, x.device)
     for i in range(net.depth):
         h = net.block(h, i)  # [capacity, d]; rows past the live count are computed and ignored
         logits, _score, _rule_holds = linear_exit(h, net.head_w[i], net.head_b[i], rule="confidence", threshold=0.9)
-        leave = alive & (exit_layer.index_select(0, rows) <= i)
-        out.index_copy_(0, rows, torch.where(alive[:, None], logits, out.index_select(0, rows)))
-        alive = alive & ~leave
+        out, index = exit_merge(out, index, logits, rows, alive, i)
+        alive = alive & (exit_layer.index_select(0, rows) > i)
         if i == net.depth - 1:
             break
         live.push(alive.sum(dtype=torch.int64).reshape(1))
@@ -186,6 +194,7 @@ class _GraphedRoutecExit:
         self.pool = torch.cuda.graph_pool_handle() if self.device.type == "cuda" else None
         self.graphs, self.buffers = {}, {}
         self.out = torch.zeros(n, net.classes, device=device, dtype=net.w1[0].dtype)
+        self.index = torch.zeros(n, dtype=torch.int64, device=device)
         self.count = torch.zeros(1, dtype=torch.int64, device=device)
 
     def _buffers(self, c):
@@ -199,16 +208,17 @@ class _GraphedRoutecExit:
         return self.buffers[c]
 
     def _step(self, i, c):
-        net, buf, last = self.net, self._buffers(c), i == self.net.depth - 1
+        net, buf = self.net, self._buffers(c)
         h_in, h_out = buf["h"][i % 2], buf["h"][(i + 1) % 2]
         alive_in, alive_out, rows = buf["alive"][i % 2], buf["alive"][(i + 1) % 2], buf["rows"]
 
         def step():
             h = net.block(h_in, i)
             logits, _score, _rule_holds = linear_exit(h, net.head_w[i], net.head_b[i], rule="confidence", threshold=0.9)
-            self.out.index_copy_(0, rows, torch.where(alive_in[:, None], logits, self.out.index_select(0, rows)))
-            leave = alive_in if last else alive_in & (self.exit_layer.index_select(0, rows) <= i)
-            alive_out.copy_(alive_in & ~leave)
+            out, index = exit_merge(self.out, self.index, logits, rows, alive_in, i)
+            self.out.copy_(out)
+            self.index.copy_(index)
+            alive_out.copy_(alive_in & (self.exit_layer.index_select(0, rows) > i))
             h_out.copy_(h)
             self.count.copy_(alive_out.sum(dtype=torch.int64).reshape(1))
 

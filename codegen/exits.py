@@ -7,6 +7,15 @@
     select_first_exit(logits_stack, masks)                -> (out [N, C], index [N])
         per sample, the output of the first exit whose mask holds, else the last; and that exit's index
 
+    exit_merge(out, index, logits, rows, alive, i)        -> (out [N, C], index [N])
+        out[rows[j]] = logits[j] and index[rows[j]] = i for every packed row j that is alive
+
+`exit_merge` is the sync-free write-back of compacted eval: after exit i, the packed batch's live rows
+write their logits (and the exit number) to their original positions; rows that go on are overwritten by
+a later exit, so after the last exit (where every live row leaves) each sample holds the output of the
+first exit whose rule held. `rows` (int64 [M]: the original row of each packed row, all distinct) and
+`alive` (bool [M]) are the compaction's bookkeeping, so shapes stay static and nothing syncs.
+
 `select_first_exit` is the eval-mode semantics of `exit` ("run every exit, then select"): compacted eval
 (exited rows leave the batch, survivors go on, results are scattered back) must equal it bit for bit, and
 it does, because selection copies values and every head computes each row independently of the others.
@@ -16,6 +25,7 @@ Differentiability. `exit_scores` is differentiable (confidence: c·(onehot(argma
 In `linear_exit` only `logits` carries gradients: the score and the mask are the halting decision, a
 non-differentiable branch (train a learned halting gate through `exit_scores` or its own head instead).
 `select_first_exit` routes the gradient of `out` to the selected exit's rows; `index` has none.
+`exit_merge` is differentiable in `out` (rows it overwrites get no gradient) and `logits`.
 
 Kernels. `exit_scores`: one program per BLOCK_N rows, an online max / sum-exp (and Σ e·(l − m) for the
 entropy) over blocks of classes, so any C works; the backward recomputes those and writes the gradient in
@@ -25,6 +35,8 @@ matmul in PyTorch and the `exit_scores` kernel after it. Its backward is the lin
 products, left to PyTorch's GEMMs (there is nothing to fuse: the rule has no gradient).
 `select_first_exit`: one program per BLOCK_N rows finds the first exit over the masks and copies that
 exit's rows; the backward writes the gradient into the selected exit and zeros elsewhere.
+`exit_merge`: a copy of `out` and `index`, then one program per BLOCK_M packed rows writes the live rows;
+its backward is one kernel too (gather the gradient for the live rows, zero it where they were written).
 """
 
 from __future__ import annotations
@@ -43,6 +55,8 @@ from .backend import reference_vjp, use_triton
 __all__ = [
     "RULES",
     "exit_scores",
+    "exit_merge",
+    "exit_merge_reference",
     "exit_scores_reference",
     "linear_exit",
     "linear_exit_reference",
@@ -104,6 +118,16 @@ def select_first_exit_reference(logits_stack: Tensor, masks: Tensor) -> tuple[Te
     index = forced.to(torch.uint8).argmax(dim=0)  # first maximum = first exit that holds
     out = logits_stack.gather(0, index.reshape(1, -1, 1).expand(1, -1, logits_stack.shape[-1])).squeeze(0)
     return out, index.to(torch.int64)
+
+
+def exit_merge_reference(
+    out: Tensor, index: Tensor, logits: Tensor, rows: Tensor, alive: Tensor, i: int
+) -> tuple[Tensor, Tensor]:
+    """out[rows[j]] = logits[j], index[rows[j]] = i for every alive j; other rows unchanged."""
+    keep_old = ~alive
+    new_out = torch.where(keep_old[:, None], out.index_select(0, rows), logits.to(out.dtype))
+    new_index = torch.where(keep_old, index.index_select(0, rows), torch.full_like(rows, i))
+    return out.index_copy(0, rows, new_out), index.index_copy(0, rows, new_index)
 
 
 @triton.jit
@@ -304,6 +328,60 @@ def _select_first_exit_bwd_kernel(
         tl.store(dstack_ptr + base + offs, g, mask=mask)
 
 
+@triton.jit
+def _exit_merge_kernel(
+    logits_ptr,  # [M, C]
+    rows_ptr,  # [M] int64
+    alive_ptr,  # [M] uint8
+    out_ptr,  # [N, C], a copy of the old out
+    index_ptr,  # [N] int64, a copy of the old index
+    M,
+    C,
+    i,
+    BLOCK_M: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    """For the packed rows j of this program that are alive: out[rows[j]] = logits[j], index[rows[j]] = i."""
+    j = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)  # [BM]
+    j_ok = j < M
+    j64 = j.to(tl.int64)
+    live = j_ok & (tl.load(alive_ptr + j64, mask=j_ok, other=0) != 0)
+    dst = tl.load(rows_ptr + j64, mask=live, other=0)  # [BM] int64
+    tl.store(index_ptr + dst, tl.zeros((BLOCK_M,), dtype=tl.int64) + i, mask=live)
+    for c0 in range(0, C, BLOCK_C):
+        cols = c0 + tl.arange(0, BLOCK_C)
+        mask = live[:, None] & (cols[None, :] < C)
+        v = tl.load(logits_ptr + j64[:, None] * C + cols[None, :], mask=mask, other=0.0)
+        tl.store(out_ptr + dst[:, None] * C + cols[None, :], v.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _exit_merge_bwd_kernel(
+    dnew_ptr,  # [N, C]: gradient of the merged out
+    rows_ptr,  # [M] int64
+    alive_ptr,  # [M] uint8
+    dlogits_ptr,  # [M, C]
+    dout_ptr,  # [N, C], a copy of dnew
+    M,
+    C,
+    BLOCK_M: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    """dlogits[j] = dnew[rows[j]] if alive[j] else 0; dout[rows[j]] = 0 where alive[j] (overwritten rows)."""
+    j = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    j_ok = j < M
+    j64 = j.to(tl.int64)
+    live = j_ok & (tl.load(alive_ptr + j64, mask=j_ok, other=0) != 0)
+    src = tl.load(rows_ptr + j64, mask=live, other=0)
+    for c0 in range(0, C, BLOCK_C):
+        cols = c0 + tl.arange(0, BLOCK_C)
+        col_ok = cols[None, :] < C
+        g = tl.load(dnew_ptr + src[:, None] * C + cols[None, :], mask=live[:, None] & col_ok, other=0.0)
+        tl.store(dlogits_ptr + j64[:, None] * C + cols[None, :], g.to(dlogits_ptr.dtype.element_ty), mask=j_ok[:, None] & col_ok)
+        zero = tl.zeros((BLOCK_M, BLOCK_C), dtype=dout_ptr.dtype.element_ty)
+        tl.store(dout_ptr + src[:, None] * C + cols[None, :], zero, mask=live[:, None] & col_ok)
+
+
 def _row_tiles(C: int) -> tuple[int, int]:
     block_c = min(triton.next_power_of_2(max(C, 1)), 1024)
     return max(4096 // block_c, 1), block_c
@@ -429,6 +507,82 @@ def select_first_exit_backward(dout: Tensor, index: Tensor, n_exits: int) -> Ten
         dout.contiguous(), index, dstack, n, c, BLOCK_N=block_n, BLOCK_C=block_c
     )
     return dstack
+
+
+def exit_merge_forward(
+    out: Tensor, index: Tensor, logits: Tensor, rows: Tensor, alive: Tensor, i: int
+) -> tuple[Tensor, Tensor]:
+    new_out, new_index = out.clone(memory_format=torch.contiguous_format), index.clone()
+    m, c = logits.shape
+    if m * c == 0:
+        return new_out, new_index
+    block_m, block_c = _row_tiles(c)
+    _exit_merge_kernel[(triton.cdiv(m, block_m),)](
+        logits.contiguous(), rows, alive.contiguous().view(torch.uint8), new_out, new_index, m, c, i,
+        BLOCK_M=block_m, BLOCK_C=block_c,
+    )
+    return new_out, new_index
+
+
+def exit_merge_backward(dnew: Tensor, rows: Tensor, alive: Tensor, logits_dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    m, c = rows.shape[0], dnew.shape[1]
+    dout = dnew.clone(memory_format=torch.contiguous_format)
+    dlogits = _empty((m, c), logits_dtype, dnew.device)
+    if m * c == 0:
+        return dout, dlogits.zero_()
+    block_m, block_c = _row_tiles(c)
+    _exit_merge_bwd_kernel[(triton.cdiv(m, block_m),)](
+        dnew.contiguous(), rows, alive.contiguous().view(torch.uint8), dlogits, dout, m, c,
+        BLOCK_M=block_m, BLOCK_C=block_c,
+    )
+    return dout, dlogits
+
+
+@torch.library.custom_op("routec::exit_merge", mutates_args=())
+def _exit_merge_op(
+    out: Tensor, index: Tensor, logits: Tensor, rows: Tensor, alive: Tensor, i: int
+) -> tuple[Tensor, Tensor]:
+    m = logits.shape[0]
+    if (
+        out.dim() != 2 or logits.dim() != 2 or logits.shape[1] != out.shape[1] or index.shape != out.shape[:1]
+        or rows.shape != (m,) or alive.shape != (m,) or rows.dtype != torch.int64 or index.dtype != torch.int64
+        or alive.dtype != torch.bool
+    ):
+        raise ValueError(
+            f"exit_merge: need out [N, C], index int64 [N], logits [M, C], rows int64 [M], alive bool [M]; got "
+            f"{list(out.shape)}, {index.dtype} {list(index.shape)}, {list(logits.shape)}, {rows.dtype} "
+            f"{list(rows.shape)}, {alive.dtype} {list(alive.shape)}"
+        )
+    if use_triton(out, index, logits, rows, alive):
+        return exit_merge_forward(out, index, logits, rows, alive, i)
+    with torch.no_grad():
+        return exit_merge_reference(out, index, logits, rows, alive, i)
+
+
+@_exit_merge_op.register_fake
+def _(out: Tensor, index: Tensor, logits: Tensor, rows: Tensor, alive: Tensor, i: int):
+    return torch.empty_like(out, memory_format=torch.contiguous_format), torch.empty_like(index)
+
+
+def _merge_setup(ctx, inputs, output) -> None:
+    out, index, logits, rows, alive, i = inputs
+    ctx.save_for_backward(out, index, logits, rows, alive)
+    ctx.i = i
+    ctx.mark_non_differentiable(output[1])
+
+
+def _merge_backward(ctx, dnew: Tensor, _dindex):
+    out, index, logits, rows, alive = ctx.saved_tensors
+    if use_triton(dnew, rows, alive):
+        dout, dlogits = exit_merge_backward(dnew, rows, alive, logits.dtype)
+        return dout, None, dlogits, None, None, None
+    grads = reference_vjp(
+        lambda o, lg: exit_merge_reference(o, index, lg, rows, alive, ctx.i), (out, logits), (dnew, None)
+    )
+    return grads[0], None, grads[1], None, None, None
+
+
+_exit_merge_op.register_autograd(_merge_backward, setup_context=_merge_setup)
 
 
 @torch.library.custom_op("routec::exit_scores", mutates_args=())
@@ -562,3 +716,13 @@ def select_first_exit(logits_stack: Tensor, masks: Tensor) -> tuple[Tensor, Tens
     """logits_stack [E, N, C], masks bool [E, N] -> (out [N, C]: per sample the output of the first exit
     whose mask holds, else the last; index int64 [N]: that exit). Differentiable in logits_stack."""
     return torch.ops.routec.select_first_exit(logits_stack, masks)
+
+
+def exit_merge(
+    out: Tensor, index: Tensor, logits: Tensor, rows: Tensor, alive: Tensor, i: int
+) -> tuple[Tensor, Tensor]:
+    """Write exit `i`'s logits of the live packed rows back to their original rows: out [N, C], index int64
+    [N], logits [M, C], rows int64 [M] (original row of each packed row, distinct), alive bool [M] ->
+    (out with out[rows[j]] = logits[j], index with index[rows[j]] = i, for every alive j). Sync-free;
+    differentiable in out and logits."""
+    return torch.ops.routec.exit_merge(out, index, logits, rows, alive, i)

@@ -13,6 +13,7 @@ from routec.codegen import exits as ex
 from routec.codegen.ops import (
     bucket_capacity,
     compact,
+    exit_merge,
     exit_scores,
     gather_rows,
     linear_exit,
@@ -363,6 +364,55 @@ def test_opcheck_exit_ops(reference_backend):
     torch.library.opcheck(torch.ops.routec.select_first_exit, (stack, masks))
 
 
+# -------------------------------------------------------------------------------------------- exit_merge
+
+
+def _merge_inputs(n, m, c, seed=0):
+    g = _gen(seed)
+    out = torch.randn(n, c, generator=g)
+    index = torch.randint(0, 5, (n,), generator=g)
+    logits = torch.randn(m, c, generator=g)
+    rows = torch.randperm(n, generator=g)[:m]
+    alive = torch.rand(m, generator=g) < 0.6
+    return out, index, logits, rows, alive
+
+
+def _hand_merge(out, index, logits, rows, alive, i):
+    out, index = out.clone(), index.clone()
+    for j in range(len(rows)):
+        if alive[j]:
+            out[rows[j]] = logits[j]
+            index[rows[j]] = i
+    return out, index
+
+
+@pytest.mark.parametrize("n,m,c", [(1, 1, 1), (37, 20, 9), (70, 70, 1100)])
+def test_exit_merge(triton_backend, n, m, c):
+    out, index, logits, rows, alive = _merge_inputs(n, m, c)
+    o1, l1 = out.clone().requires_grad_(), logits.clone().requires_grad_()
+    o2, l2 = out.clone().requires_grad_(), logits.clone().requires_grad_()
+    got_out, got_index = exit_merge(o1, index, l1, rows, alive, 3)
+    ref_out, ref_index = ex.exit_merge_reference(o2, index, l2, rows, alive, 3)
+    hand_out, hand_index = _hand_merge(out, index, logits, rows, alive, 3)
+    assert torch.equal(got_out, ref_out) and torch.equal(got_index, ref_index)
+    assert torch.equal(ref_out.detach(), hand_out) and torch.equal(ref_index, hand_index)
+    g = torch.randn(n, c, generator=_gen(1))
+    got_out.backward(g)
+    ref_out.backward(g)
+    assert torch.equal(o1.grad, o2.grad) and torch.equal(l1.grad, l2.grad)
+
+
+def test_gradcheck_exit_merge(reference_backend):
+    out, index, logits, rows, alive = _merge_inputs(9, 6, 3)
+    out, logits = out.double().requires_grad_(), logits.double().requires_grad_()
+    assert torch.autograd.gradcheck(lambda o, lg: exit_merge(o, index, lg, rows, alive, 1)[0], (out, logits))
+
+
+def test_opcheck_exit_merge(reference_backend):
+    out, index, logits, rows, alive = _merge_inputs(9, 6, 3)
+    torch.library.opcheck(torch.ops.routec.exit_merge, (out.requires_grad_(), index, logits, rows, alive, 2))
+
+
 # ------------------------------------------------------------------- compacted early-exit eval vs select
 
 
@@ -387,31 +437,22 @@ def _run_all_exits(x, blocks, heads, threshold):
 
 
 def _run_compacted(x, blocks, heads, threshold):
-    """Eval-mode exit lowering: exited rows leave, survivors go on packed, results are scattered back."""
+    """Eval-mode exit lowering: exited rows leave, survivors go on packed, results are written back by
+    exit_merge. Only the capacity is read on the host (a test may sync; a model uses a lagged bound)."""
     n = x.shape[0]
     out = torch.zeros(n, heads[0][0].shape[0])
-    index = torch.full((n,), len(blocks) - 1, dtype=torch.int64)
-    h, rows = x, torch.arange(n)  # rows: original index of each live packed row
+    index = torch.zeros(n, dtype=torch.int64)
+    h, rows, alive = x, torch.arange(n), torch.ones(n, dtype=torch.bool)  # rows: original row of each packed row
     for i, (params, (w, b)) in enumerate(zip(blocks, heads)):
         h = _block(h, params)
         logits, _, leave = linear_exit(h, w, b, rule="confidence", threshold=threshold)
-        last = i == len(blocks) - 1
-        done = torch.ones_like(leave) if last else leave
-        # The rows that finish here, packed in order, then written to their original positions.
-        done_perm, done_count = compact(done)
-        finished = gather_rows(logits, done_perm, done_count, h.shape[0])
-        finished_rows = torch.zeros(n, dtype=torch.bool)
-        finished_rows[rows[done]] = True
-        out_perm, out_count = compact(finished_rows)
-        out = scatter_rows(finished, out_perm, out_count, out)
-        index[rows[done]] = i
-        perm, count = compact(~done)
-        live = int(count)
-        if live == 0:
-            break
-        capacity = bucket_capacity(live, h.shape[0])
-        h = gather_rows(h, perm, count, capacity)[:live]
-        rows = rows[perm[:live]]
+        out, index = exit_merge(out, index, logits, rows, alive, i)
+        alive = alive & ~leave
+        perm, count = compact(alive)
+        capacity = bucket_capacity(int(count), h.shape[0])
+        h = gather_rows(h, perm, count, capacity)
+        rows = rows.index_select(0, perm[:capacity])
+        alive = torch.arange(capacity) < count
     return out, index
 
 
