@@ -72,6 +72,7 @@ class RefRSMambaLayer(nn.Module):
         rev = rev.flip(1)
         shuf = shuf[:, torch.argsort(perm)]
         g = torch.softmax(self.gate(torch.cat([fwd.mean(1), rev.mean(1), shuf.mean(1)], dim=-1)), dim=-1)
+        self.last_gate = g  # [B, 3]: the per-sample routing decision
         g = g[:, :, None, None]  # [B, 3, 1, 1]
         return x + g[:, 0] * fwd + g[:, 1] * rev + g[:, 2] * shuf
 
@@ -185,6 +186,15 @@ def model_map(depth: int) -> dict:
     return names
 
 
+def record_gates(net: nn.Module, combine_paths: list[str]) -> list:
+    """Capture the path weights routec's gated combines receive (its routing decisions), in call order."""
+    seen = []
+    for path in combine_paths:
+        net.get_submodule(path).register_forward_pre_hook(
+            lambda module, args, kwargs: seen.append(kwargs["weights"].detach().clone()), with_kwargs=True)
+    return seen
+
+
 def layer_pair(d=16, inner=32):
     from routec.compiler import load
 
@@ -201,6 +211,7 @@ def test_layer_matches_reference_in_eval(monkeypatch):
     net.eval(), ref.eval()
     x, h = torch.randn(3, 11, 16), torch.randn(3, 11, 16)
     drawn = record_randperm(monkeypatch)
+    gates = record_gates(net, ["p.combine_op"])
     with torch.no_grad():
         first = net(x, h)
         second = net(x, h)
@@ -208,7 +219,10 @@ def test_layer_matches_reference_in_eval(monkeypatch):
     assert not torch.equal(drawn[0], drawn[1])
     with torch.no_grad():
         torch.testing.assert_close(first, ref(x, h, drawn[0]), rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(gates[0], ref.last_gate, rtol=1e-4, atol=1e-6)
         torch.testing.assert_close(second, ref(x, h, drawn[1]), rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(gates[1], ref.last_gate, rtol=1e-4, atol=1e-6)
+    assert gates[0].shape == (3, 3), "one softmax over the three paths per sample"
     # the paper's inference is stochastic: a new shuffle gives a different output
     assert not torch.allclose(first, second)
 
@@ -246,11 +260,14 @@ def test_model_matches_reference_in_eval(monkeypatch):
     net.eval(), ref.eval()
     img = torch.randn(2, 3, SMALL["img"], SMALL["img"])
     drawn = record_randperm(monkeypatch)
+    gates = record_gates(net, [f"layers.{i}.rsmambalayer.p.combine_op" for i in range(SMALL["depth"])])
     with torch.no_grad():
         got = net(img)
     assert len(drawn) == SMALL["depth"], "one shuffle per layer"
     with torch.no_grad():
         torch.testing.assert_close(got, ref(img, drawn), rtol=1e-4, atol=1e-5)
+    for layer, gate in zip(ref.layers, gates):
+        torch.testing.assert_close(gate, layer.last_gate, rtol=1e-4, atol=1e-6)
 
 
 def test_model_train_step(monkeypatch):
