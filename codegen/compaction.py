@@ -357,7 +357,8 @@ def gather_rows(x: Tensor, perm: Tensor, count: Tensor, capacity: int) -> Tensor
 
 
 def scatter_rows(packed: Tensor, perm: Tensor, count: Tensor, base: Tensor) -> Tensor:
-    """base [N, ...] with rows perm[:count] replaced by packed[:count] (packed: [capacity, ...]).
+    """base [N, ...] with rows perm[:count] replaced by packed[:count] (packed: [capacity, ...]; only the
+    first min(count, capacity) rows are used). perm must be a permutation of range(N), as `compact` gives.
     Differentiable in packed and base."""
     return torch.ops.routec.scatter_rows(packed, perm, count, base)
 
