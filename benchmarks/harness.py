@@ -147,30 +147,37 @@ def _fmt(x: Optional[float], spec: str) -> str:
     return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
 
 
+HEADER = f"  {'impl':<34} {'time ms':>10} {'x baseline':>11} {'ours faster':>12} {'GB/s':>8} {'% copy':>7}"
+
+
+def format_case(case: dict) -> list[str]:
+    """One case's block of the ratio table: one row per impl, routec's marked with '*'."""
+    lines = [f"{case['name']}  [baseline: {case['baseline']}, ours: {case['ours']}]"]
+    if case["notes"]:
+        lines.append(f"  note: {case['notes']}")
+    lines.append(HEADER)
+    for label, r in case["impls"].items():
+        mark = "*" if label == case["ours"] else " "
+        if r["status"] != "ok":
+            lines.append(f" {mark}{label:<34} {r['status']}")
+            continue
+        lines.append(
+            f" {mark}{label:<34} {r['time_ms']:>10.4f} {_fmt(r.get('speedup_vs_baseline'), '>10.2f')}x "
+            f"{_fmt(r.get('ours_speedup'), '>11.2f')}x {_fmt(r.get('gbps'), '>8.1f')} {_fmt(r.get('pct_copy'), '>6.1f')}%"
+        )
+    return lines
+
+
 def format_table(report: dict) -> str:
-    """The ratio table: one block per case, one row per impl."""
+    """The ratio table: the device and its copy ceiling, then one block per case."""
     lines = [
         f"device: {report['info']['name']} ({report['info']['device']}), torch {report['info']['torch']}, "
         f"triton {report['info']['triton']}",
         f"copy ceiling: {report['copy']['gbps']:.0f} GB/s (clone of {report['copy']['bytes'] // 2 >> 20} MiB)",
         "",
     ]
-    header = f"  {'impl':<34} {'time ms':>10} {'x baseline':>11} {'ours faster':>12} {'GB/s':>8} {'% copy':>7}"
     for case in report["cases"]:
-        lines.append(f"{case['name']}  [baseline: {case['baseline']}, ours: {case['ours']}]")
-        if case["notes"]:
-            lines.append(f"  note: {case['notes']}")
-        lines.append(header)
-        for label, r in case["impls"].items():
-            mark = "*" if label == case["ours"] else " "
-            if r["status"] != "ok":
-                lines.append(f" {mark}{label:<34} {r['status']}")
-                continue
-            lines.append(
-                f" {mark}{label:<34} {r['time_ms']:>10.4f} {_fmt(r.get('speedup_vs_baseline'), '>10.2f')}x "
-                f"{_fmt(r.get('ours_speedup'), '>11.2f')}x {_fmt(r.get('gbps'), '>8.1f')} {_fmt(r.get('pct_copy'), '>6.1f')}%"
-            )
-        lines.append("")
+        lines += format_case(case) + [""]
     return "\n".join(lines)
 
 
@@ -205,9 +212,12 @@ def write_chart(report: dict, path: Path) -> Optional[str]:
     return None
 
 
-def write_report(report: dict, out_dir: Path) -> None:
+def write_report(report: dict, out_dir: Path, chart: bool = True) -> None:
+    """results.json (and results.png unless `chart` is false, as for the partial reports written after
+    every case so that an interrupted run still leaves its finished cases behind)."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    note = write_chart(report, out_dir / "results.png")
-    if note:
-        report["chart"] = note
+    if chart:
+        note = write_chart(report, out_dir / "results.png")
+        if note:
+            report["chart"] = note
     (out_dir / "results.json").write_text(json.dumps(report, indent=2))

@@ -56,6 +56,8 @@ def main(argv: list[str] | None = None) -> dict:
                 continue
             print(f"running {case.name} ...", file=sys.stderr, flush=True)
             report["cases"].append(harness.run_case(case, args.device, args.repeats, report["copy"]["gbps"]))
+            print("\n".join(harness.format_case(report["cases"][-1])), file=sys.stderr, flush=True)
+            harness.write_report(report, Path(args.out), chart=False)
     report["wall_s"] = time.perf_counter() - started
     print(harness.format_table(report))
     harness.write_report(report, Path(args.out))
