@@ -14,7 +14,6 @@ map (coefficient 1, input 0) and so carry the state through unchanged.
 
 from __future__ import annotations
 
-import math
 import os
 from typing import Optional
 
@@ -25,9 +24,6 @@ import triton.language as tl
 from torch import Tensor
 
 from .backend import interpreting, reference_vjp, use_triton
-
-LOG2E = math.log2(math.e)
-
 
 def linear_scan_reference(a: Tensor, b: Tensor, h0: Optional[Tensor] = None, *, reverse: bool = False) -> Tensor:
     """h[t] = a[t] * h[t-1] + b[t] with h[-1] = h0 (or 0), a loop over time; reverse runs t = L-1 ... 0."""
@@ -335,7 +331,7 @@ def _selective_fwd_kernel(
     n = tl.arange(0, BLOCK_N)  # [BN]
     n_ok = n < N
     dn_mask = d_ok[:, None] & n_ok[None, :]  # [BD, BN]
-    A2 = tl.load(A + d[:, None] * N + n[None, :], mask=dn_mask, other=0.0).to(tl.float32) * 1.4426950408889634
+    A2 = tl.load(A + d[:, None] * N + n[None, :], mask=dn_mask, other=0.0).to(tl.float32) * 1.4426950408889634  # log2(e): exp(x) = exp2(x * log2(e))
     bias = tl.zeros([BLOCK_D], dtype=tl.float32)
     if HAS_BIAS:
         bias = tl.load(DBIAS + d, mask=d_ok, other=0.0).to(tl.float32)
