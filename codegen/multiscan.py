@@ -223,7 +223,7 @@ def _mr_linear_bwd_kernel(
             acum, bcum = tl.associative_scan((av, bv), 0, _affine)
             h = acum * carry[None, :] + bcum
             carry = tl.sum(tl.where((i == BLOCK_L - 1)[:, None], h, 0.0), axis=0)
-            tl.store(scratch_ptr + row + k[:, None] * D + d[None, :], h, mask=m2)
+            tl.store(scratch_ptr + row + k.to(tl.int64)[:, None] * D + d[None, :], h, mask=m2)
         tl.debug_barrier()
         carry = tl.zeros([BLOCK_D], dtype=tl.float32)
         for cc in range(n_chunks):
@@ -239,7 +239,7 @@ def _mr_linear_bwd_kernel(
                 mask=nmask[:, None] & dmask[None, :], other=0.0,
             ).to(tl.float32)
             gy = tl.load(gy_ptr + off, mask=m2, other=0.0).to(tl.float32)
-            h = tl.load(scratch_ptr + row + k[:, None] * D + d[None, :], mask=m2, other=0.0)
+            h = tl.load(scratch_ptr + row + k.to(tl.int64)[:, None] * D + d[None, :], mask=m2, other=0.0)
             if HAS_W:
                 w = tl.load(w_ptr + pid_b * w_sb + pos * w_sl + r, mask=kmask, other=0.0).to(tl.float32)
                 tl.store(gw_ptr + gw_row + pos * R + r, tl.sum(gy * h, axis=1), mask=kmask)
@@ -248,7 +248,7 @@ def _mr_linear_bwd_kernel(
             g = acum * carry[None, :] + gcum
             carry = tl.sum(tl.where((i == BLOCK_L - 1)[:, None], g, 0.0), axis=0)  # row of the smallest k
             h_prev = tl.load(
-                scratch_ptr + row + (k - 1)[:, None] * D + d[None, :], mask=m2 & (k >= 1)[:, None], other=0.0
+                scratch_ptr + row + (k - 1).to(tl.int64)[:, None] * D + d[None, :], mask=m2 & (k >= 1)[:, None], other=0.0
             )
             tl.atomic_add(ga_ptr + r64 * a_rs + off, g * h_prev, mask=m2)
             tl.atomic_add(gb_ptr + r64 * b_rs + off, g, mask=m2)
@@ -668,9 +668,11 @@ def _mr_selective_backward(ctx, gy):
 _mr_selective_op.register_autograd(_mr_selective_backward, setup_context=_mr_selective_setup)
 
 
-def _check_routes(op: str, routes: torch.Tensor, L: int) -> None:
+def _check_routes(op: str, routes: torch.Tensor, L: int, device: torch.device) -> None:
     if routes.dim() != 2 or routes.shape[1] != L or routes.dtype != torch.int64:
         raise ValueError(f"{op}: routes must be int64 [R, L] with L={L}, got {routes.dtype} {list(routes.shape)}")
+    if routes.device != device:
+        raise ValueError(f"{op}: routes must be on the inputs' device {device}, got {routes.device}")
 
 
 def _check_input(op: str, name: str, x: torch.Tensor | None, shape: tuple, R: int) -> None:
@@ -694,7 +696,7 @@ def multi_route_linear_scan(
     op = "multi_route_linear_scan"
     Bt, L, D = b.shape[-3:]
     R = routes.shape[0]
-    _check_routes(op, routes, L)
+    _check_routes(op, routes, L, b.device)
     _check_input(op, "a", a, (Bt, L, D), R)
     _check_input(op, "b", b, (Bt, L, D), R)
     _check_weights(op, weights, Bt, L, R)
@@ -715,7 +717,7 @@ def multi_route_selective_scan(
     Bt, L, Dm = u.shape[-3:]
     R = routes.shape[0]
     N = A.shape[-1]
-    _check_routes(op, routes, L)
+    _check_routes(op, routes, L, u.device)
     for name, x, shape in (("u", u, (Bt, L, Dm)), ("delta", delta, (Bt, L, Dm)), ("z", z, (Bt, L, Dm)),
                            ("A", A, (Dm, N)), ("B", B, (Bt, L, N)), ("C", C, (Bt, L, N))):
         _check_input(op, name, x, shape, R)

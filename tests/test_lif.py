@@ -84,6 +84,18 @@ def test_triton_matches_reference(triton_backend, reset, B, T, D, per_channel, w
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
 
 
+def test_triton_long_sequence(triton_backend):
+    x, beta, v0 = _inputs(1, 1000, 3, True, True, seed=7)
+    s, v = lif_scan(x, beta=beta, reset="zero", v0=v0)
+    s_ref, v_ref = lif_mod.lif_scan_reference(x, beta, 1.0, "zero", v0)
+    torch.testing.assert_close(s, s_ref)
+    torch.testing.assert_close(v, v_ref, rtol=1e-5, atol=1e-5)
+    leaves = _leaves(x, beta, v0)
+    gs, gv = torch.randn_like(s), torch.randn_like(v)
+    for a, b in zip(torch.autograd.grad((s, v), leaves, (gs, gv)), torch.autograd.grad((s_ref, v_ref), leaves, (gs, gv))):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("reset", ["subtract", "zero"])
 def test_reference_matches_hand_loop(reset):
     x, beta, v0 = _inputs(2, 23, 7, True, True, dtype=torch.float64, seed=3)

@@ -78,7 +78,7 @@ def _assert_close_with_grads(out, ref, leaves, tol=1e-4, seed=1):
 @pytest.mark.parametrize(
     "Bt,L,D,per_route,weights",
     [(1, 1, 1, False, None), (2, 17, 5, False, "sample"), (1, 17, 37, True, "token"), (1, 64, 3, False, "token"),
-     (3, 200, 2, True, None)],
+     (3, 200, 2, True, None), (1, 1000, 2, False, "token")],
 )
 def test_linear_triton_matches_reference(triton_backend, Bt, L, D, per_route, weights):
     routes = _routes(L)

@@ -65,8 +65,9 @@ def test_leaky_triton_matches_reference(triton_backend, activation, B, T, n, wit
     _assert_grads_match((h,), (h_ref,), (x, w, tau, h0))
 
 
-def test_leaky_triton_long_and_wide(triton_backend):
-    x, w, tau, h0 = _leaky_inputs(3, 64, 37, True, seed=2)
+@pytest.mark.parametrize("B,T,n", [(3, 64, 37), pytest.param(1, 1000, 3, marks=pytest.mark.slow)])
+def test_leaky_triton_long_and_wide(triton_backend, B, T, n):
+    x, w, tau, h0 = _leaky_inputs(B, T, n, True, seed=2)
     h = leaky_rnn_scan(x, w, tau, h0)
     h_ref = rnn.leaky_rnn_scan_reference(x, w, tau, h0, "tanh")
     torch.testing.assert_close(h, h_ref, rtol=1e-5, atol=1e-5)
