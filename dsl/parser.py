@@ -34,7 +34,7 @@ __all__ = [
     "MAX_TREE_DEPTH", "MAX_ERRORS",
 ]
 
-MAX_SOURCE_BYTES = 1_000_000
+MAX_SOURCE_BYTES = 262_144  # 256 KiB: fifty times the largest stdlib spec, parsed in seconds
 MAX_NESTING = 64
 MAX_TREE_DEPTH = 200
 MAX_ERRORS = 50
@@ -178,19 +178,21 @@ def _check_characters(text: str, file: str, diags: Diagnostics) -> None:
 
 
 def _lex(text: str, file: str, diags: Diagnostics) -> list[Token]:
-    """All tokens (comments and whitespace included); bad characters are reported and blanked out."""
-    lexer = _raw_lexer()
-    work = text
+    """All tokens (comments and whitespace included); a bad character is reported and skipped (an
+    unterminated string to the end of its line), and lexing resumes right after it."""
+    thread = LexerThread.from_text(_raw_lexer(), text)
+    tokens: list[Token] = []
     while True:
         try:
-            return list(LexerThread.from_text(lexer, work).lex(None))
+            tokens.extend(thread.lex(None))
+            return tokens
         except UnexpectedCharacters as err:
             pos = err.pos_in_stream or 0
-            ch = work[pos]
+            ch = text[pos]
             span = Span.point(file, err.line or 1, err.column or 1)
             if ch == '"':
-                end = work.find("\n", pos)
-                end = len(work) if end < 0 else end
+                end = text.find("\n", pos)
+                end = len(text) if end < 0 else end
                 span = Span(file=file, line=span.line, col=span.col, end_line=span.line,
                             end_col=span.col + end - pos)
                 diags.error("R007", "unterminated string", span, help="close the string with `\"` on the same line")
@@ -200,8 +202,10 @@ def _lex(text: str, file: str, diags: Diagnostics) -> list[Token]:
                 diags.error("R006", f"unexpected character `{shown}`", span,
                             help="names use ASCII letters, digits and `_`" if ch.isalpha() else None)
             if len(diags) >= MAX_ERRORS:
+                diags.error("R099", f"too many errors; stopped after {MAX_ERRORS}", span)
                 return []
-            work = work[:pos] + " " * (end - pos) + work[end:]
+            assert thread.state is not None
+            thread.state.line_ctr.feed(text[pos:end])
 
 
 def _attached_docs(tokens: list[Token]) -> set[int]:
@@ -346,13 +350,21 @@ def _layout(
             continue
         docs_fixed.append(tok)
 
+    # The kind of the next token that is not a newline, for every position (None at the end).
+    following: list[Optional[str]] = [None] * len(docs_fixed)
+    upcoming: Optional[str] = None
+    for i in range(len(docs_fixed) - 1, -1, -1):
+        following[i] = upcoming
+        if docs_fixed[i].type != "_NL":
+            upcoming = docs_fixed[i].type
+
     out: list[Token] = []
     for i, tok in enumerate(docs_fixed):
         if tok.type == "_NL":
             if not out or out[-1].type in ("_NL", "LBRACE", "_ARROW", "DOC"):
                 continue
-            nxt = next((t for t in docs_fixed[i + 1:] if t.type != "_NL"), None)
-            if nxt is None or nxt.type == "RBRACE" or nxt.type in CONTINUATION:
+            nxt = following[i]
+            if nxt is None or nxt == "RBRACE" or nxt in CONTINUATION:
                 continue
         out.append(tok)
     comments.sort(key=lambda c: c.span.sort_key())
