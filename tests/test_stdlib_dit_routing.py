@@ -194,6 +194,12 @@ def test_eval_matches_reference_for_one_image():
     grouping (the xfail below) is checked here — gates, grid wiring, scaling paths, identities, head."""
     net, ref = build()
     net.eval(), ref.eval()
+    modules = dict(net.named_modules())
+    seen: dict[str, list] = {}
+    for j in range(SMALL["stages"]):  # the hard gates' 0/1 decisions
+        for name in [f"layers.{j}.row{i}.g_row.gate" for i in range(4)] + [f"layers.{j}.col{i}.g_col.gate" for i in (1, 2, 3)]:
+            seen[name] = []
+            modules[name].register_forward_hook(lambda module, args, out, name=name: seen[name].append(out))
     torch.manual_seed(1)
     img = torch.randn(2, 3, SMALL["img"], SMALL["img"])
     for b in range(2):
@@ -201,6 +207,11 @@ def test_eval_matches_reference_for_one_image():
             got = net(img[b:b + 1])
             want = ref(img[b:b + 1])
         torch.testing.assert_close(got if isinstance(got, torch.Tensor) else got[0], want, atol=1e-5, rtol=1e-4)
+        for j in range(SMALL["stages"]):  # routec's routing decisions are the reference's
+            for i in range(4):
+                torch.testing.assert_close(seen[f"layers.{j}.row{i}.g_row.gate"][-1].argmax(-1) == 1, ref.rows[j][i].last_gate)
+            for i in (1, 2, 3):
+                torch.testing.assert_close(seen[f"layers.{j}.col{i}.g_col.gate"][-1], ref.cols[j][i - 1].last_gate)
     gates = [r.last_gate for rows in ref.rows for r in rows] + [c.last_gate for cols in ref.cols for c in cols]
     assert any(g.any() and not g.all() for g in gates)  # mixed decisions somewhere in the grid
 

@@ -161,11 +161,16 @@ def test_eval_matches_reference():
     net, ref = build()
     net.eval(), ref.eval()
     ids = torch.randint(0, SMALL["vocab"], (3, 13))
+    seen = {i: [] for i in range(SMALL["layers"])}
+    for i in seen:  # the routers' one-hot decisions [B, T, 3]
+        gate = dict(net.named_modules())[f"layers.{i}.layer.r.gate"]
+        gate.register_forward_hook(lambda module, args, out, i=i: seen[i].append(out))
     with torch.no_grad():
         got = tensor_out(net(ids))
         want = ref(ids)
-    for block in ref.h:  # every option is taken somewhere in every layer
+    for i, block in enumerate(ref.h):  # every option is taken somewhere in every layer, as routec routes it
         assert set(block.last_route.flatten().tolist()) == {0, 1, 2}, block.last_route
+        torch.testing.assert_close(seen[i][-1].argmax(-1), block.last_route)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
 
 

@@ -78,6 +78,7 @@ class RefTaskMoE(nn.Module):
 
     def forward(self, x, task_id):
         flat = x.reshape(-1, x.shape[-1])
+        self.last_input = flat
         idx, score = self.gate[task_id](flat)
         self.last_indices = idx
         out = torch.zeros_like(flat)
@@ -224,15 +225,31 @@ def tensor_out(out):
     return out if isinstance(out, torch.Tensor) else out[0]
 
 
+def capture(net: nn.Module, name: str) -> list:
+    """Record the outputs of the routec submodule `name` (a gate) at every forward."""
+    seen: list = []
+    dict(net.named_modules())[name].register_forward_hook(lambda module, args, out: seen.append(out))
+    return seen
+
+
 def test_eval_matches_reference_one_task_per_batch():
     net, ref = build(**SMALL)
     net.eval(), ref.eval()
+    gates = {i: capture(net, f"layers.{i}.moe.g.gate") for i in (1, 3)}  # the top-k gates' (weights, indices, aux)
     img = torch.randn(3, 3, SMALL["img"], SMALL["img"])
     for task in range(len(TASKS)):
         with torch.no_grad():
             got = tensor_out(net(img, torch.full((3,), task, dtype=torch.long)))
             want = ref(img, task)
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+        for i, seen in gates.items():  # the routing decisions: the same experts, with the same weights
+            weights, indices, _ = seen[-1]
+            ref_moe = ref.blocks[i].mlp
+            ref_idx, ref_w = ref_moe.gate[task](ref_moe.last_input)
+            order, ref_order = indices.reshape(-1, SMALL["k"]).sort(-1), ref_idx.sort(-1)
+            torch.testing.assert_close(order.values, ref_order.values)
+            torch.testing.assert_close(weights.reshape(-1, SMALL["k"]).gather(1, order.indices),
+                                       ref_w.gather(1, ref_order.indices), atol=1e-5, rtol=1e-4)
     # the tasks really take different pathways through the experts
     chosen = []
     with torch.no_grad():

@@ -81,6 +81,7 @@ class RefNoisyTopkRouter(nn.Module):
             logits = logits + torch.randn_like(logits) * F.softplus(self.noise_linear(x))
         top, indices = logits.topk(self.k, dim=-1)
         sparse = torch.full_like(logits, float("-inf")).scatter(-1, indices, top)
+        self.last_indices = indices
         return F.softmax(sparse, dim=-1), indices
 
 
@@ -228,12 +229,20 @@ def test_eval_matches_reference():
     net, ref = build(**SMALL)
     copy_into_reference(net, ref)
     net.eval(), ref.eval()
+    seen = {i: [] for i in range(SMALL["moe_from"], SMALL["depth"])}
+    for i in seen:  # the top-k gates' (weights, indices, aux)
+        gate = dict(net.named_modules())[f"layers.{i}.blk.g.gate"]
+        gate.register_forward_hook(lambda module, args, out, i=i: seen[i].append(out))
     video = torch.randn(3, 3, SMALL["frames"], SMALL["img"], SMALL["img"])
     with torch.no_grad():
         got = net(video)
         dfer, sfer = ref(video)
     torch.testing.assert_close(got.dfer, dfer, atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(got.sfer, sfer, atol=1e-5, rtol=1e-4)
+    for i, outs in seen.items():  # the routing decisions: the same two experts per token
+        indices = outs[-1][1].reshape(-1, K).sort(-1).values
+        want = ref.blocks[i].moe_layer.router.last_indices.reshape(-1, K).sort(-1).values
+        torch.testing.assert_close(indices, want)
 
 
 def test_capacity_overflow_drops_the_same_tokens():
