@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from routec.dsl import RouteError
+
 SMALL = dict(vocab=50, context=16, d=16, depth=2, slots=8, kernel=3, dropout=0.1)
 
 
@@ -188,7 +190,7 @@ def model_pair(tied: bool, dropout=SMALL["dropout"]):
 
 
 TIED = "compiler lacks weight tying: `tok.weight` (a layer instance's parameter) is not an expression"
-VARIANTS = [pytest.param(True, marks=pytest.mark.xfail(strict=True, reason=TIED), id="paper"),
+VARIANTS = [pytest.param(True, marks=pytest.mark.xfail(strict=True, raises=RouteError, reason=TIED), id="paper"),
             pytest.param(False, id="untied")]
 
 
