@@ -522,6 +522,8 @@ def _syntax_error(tokens: list[Token], i: int, tok: Token, expected: set[str], f
             help = _did_you_mean(tok.value, ITEM_KEYWORDS)
     elif tok.type == "EQUAL" and "COMP_OP" in expected:
         help = "use `==` to compare"
+    elif tok.value == ">" and i >= 1 and tokens[i - 1].value == "-":
+        help = "write the pipe `->` without a space"
     elif tok.value in words and "NAME" in expected and tok.type not in CONTINUATION:
         help = f"`{tok.value}` is a reserved word and cannot be used as a name"
     code = "R011" if tok.type == "$END" else "R010"
