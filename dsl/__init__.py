@@ -9,10 +9,10 @@ form. This package never imports torch.
 from . import ast
 from .ast import strip_spans, walk
 from .diagnostics import Diagnostic, Diagnostics, Note, RouteError, Span, render_diagnostic
-from .parser import KEYWORDS, decode_source, parse, read_source, tokenize
+from .parser import KEYWORDS, decode_source, parse, read_source
 
 __all__ = [
-    "ast", "parse", "read_source", "decode_source", "tokenize", "format_source", "strip_spans", "walk",
+    "ast", "parse", "read_source", "decode_source", "format_source", "strip_spans", "walk",
     "Diagnostic", "Diagnostics", "Note", "RouteError", "Span", "render_diagnostic", "KEYWORDS",
 ]
 

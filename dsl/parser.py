@@ -2,7 +2,8 @@
 
 The stages, in order:
 1. `decode_source` — bytes to text: size, NUL bytes, UTF-8 and empty-file checks (R001–R004).
-2. `_lex` — Lark's basic lexer over `grammar.lark`, recovering after bad characters (R005–R007).
+2. `_check_characters`, then `_lex` — control characters (R002, R005); Lark's basic lexer over
+   `grammar.lark`, resuming after a bad character or an unterminated string (R006, R007).
 3. `_layout` — bracket matching and nesting depth (R008, R012–R014), comments set aside for the
    formatter, newlines cleaned up as `grammar.lark` describes.
 4. `_parse_tokens` — the LALR parser fed token by token; a syntax error is recorded (R010, R011) and
@@ -30,7 +31,7 @@ from . import ast
 from .diagnostics import Diagnostics, Note, RouteError, Span
 
 __all__ = [
-    "parse", "read_source", "decode_source", "tokenize", "KEYWORDS", "MAX_SOURCE_BYTES", "MAX_NESTING",
+    "parse", "read_source", "decode_source", "KEYWORDS", "MAX_SOURCE_BYTES", "MAX_NESTING",
     "MAX_TREE_DEPTH", "MAX_ERRORS",
 ]
 
@@ -506,7 +507,7 @@ def _syntax_error(tokens: list[Token], i: int, tok: Token, expected: set[str], f
             what = "definition" if keywords is ITEM_KEYWORDS else "statement"
             diags.error("R010", f"unknown {what} keyword `{prev.value}`", _span(file, prev), help=hint)
             return
-    if tok.type in ("ELSE", "COMBINE") and "RBRACE" not in {t.type for t in tokens[i - 1:i]}:
+    if tok.type in ("ELSE", "COMBINE") and (i == 0 or tokens[i - 1].type != "RBRACE"):
         owner = "an `if`" if tok.type == "ELSE" else "a `paths`"
         diags.error("R010", f"`{tok.value}` must follow the closing `}}` of {owner} block", _span(file, tok))
         return
@@ -514,10 +515,9 @@ def _syntax_error(tokens: list[Token], i: int, tok: Token, expected: set[str], f
     span = _span(file, tok) if tok.type != "$END" else Span.point(file, _line(tok), _col(tok))
     help = None
     if tok.type == "NAME":
+        # A name where a keyword belongs: `} combin sum`, `scan h ovr x.T`, `blok A()`.
         allowed = [w for w, term in words.items() if term in expected]
-        if tok.value not in words:
-            pool: Iterable[str] = allowed or (ITEM_KEYWORDS if _ITEM_START & expected else ())
-            help = _did_you_mean(tok.value, pool)
+        help = _did_you_mean(tok.value, allowed)
         if help is None and _ITEM_START & expected:
             help = _did_you_mean(tok.value, ITEM_KEYWORDS)
     elif tok.type == "EQUAL" and "COMP_OP" in expected:
@@ -972,20 +972,6 @@ class _ToAst(Transformer_NonRecursive):
                 out.append(ch)
                 i += 1
         return "".join(out)
-
-
-def tokenize(source: str, filename: str = "<string>") -> tuple[list[Token], list[ast.Comment]]:
-    """The cleaned token stream the grammar sees, and the comments; raises RouteError on lexical errors."""
-    text = _normalise(source)
-    diags = Diagnostics({filename: text})
-    _check_characters(text, filename, diags)
-    diags.raise_if_any()
-    tokens, _ = _module_doc(_lex(text, filename, diags))
-    diags.raise_if_any()
-    laid, comments = _layout(tokens, filename, diags)
-    diags.raise_if_any()
-    assert laid is not None
-    return laid, comments
 
 
 def _fallback(diags: Diagnostics, filename: str) -> NoReturn:
