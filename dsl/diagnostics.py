@@ -173,11 +173,14 @@ class Diagnostics:
         code: str,
         message: str,
         span: Span,
-        notes: Iterable[Note | tuple[str, Optional[Span]]] = (),
+        notes: Iterable[Note | tuple[str, Optional[Span]] | str] = (),
         help: Optional[str] = None,
     ) -> Diagnostic:
-        """Record an error; a note may be a `Note` or a `(message, span)` pair."""
-        made = tuple(n if isinstance(n, Note) else Note(message=n[0], span=n[1]) for n in notes)
+        """Record an error; a note may be a `Note`, a `(message, span)` pair or a bare message."""
+        made = tuple(
+            n if isinstance(n, Note) else Note(message=n) if isinstance(n, str) else Note(message=n[0], span=n[1])
+            for n in notes
+        )
         return self.add(Diagnostic(code=code, message=message, span=span, notes=made, help=help))
 
     def warning(self, code: str, message: str, span: Span, help: Optional[str] = None) -> Diagnostic:

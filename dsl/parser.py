@@ -116,6 +116,8 @@ def decode_source(data: bytes, filename: str) -> str:
     start = Span.point(filename, 1, 1)
     if len(data) > MAX_SOURCE_BYTES:
         raise _fail("R004", f"file is too large ({len(data)} bytes; the limit is {MAX_SOURCE_BYTES})", start, {})
+    if data.startswith((b"\xff\xfe", b"\xfe\xff")):
+        raise _fail("R001", "file is UTF-16 encoded; routec reads UTF-8", start, {}, help="save the file as UTF-8")
     nul = data.find(b"\x00")
     if nul >= 0:
         line = data.count(b"\n", 0, nul) + 1

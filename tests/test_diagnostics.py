@@ -88,6 +88,12 @@ def test_read_source_problems(tmp_path):
     (diag,) = info.value.diagnostics
     assert (diag.code, diag.span.line, diag.span.col) == ("R001", 2, 9)
 
+    utf16 = tmp_path / "utf16.route"
+    utf16.write_bytes("block A() {}\n".encode("utf-16"))
+    with pytest.raises(RouteError) as info:
+        read_source(utf16)
+    assert info.value.codes == ["R001"] and "UTF-16" in info.value.diagnostics[0].message
+
     good = tmp_path / "good.route"
     good.write_bytes("\ufeffblock A() {\r\n  in x: [B]\r\n  out x\r\n}\r\n".encode())
     text = read_source(good)
@@ -144,7 +150,7 @@ def test_collector_for_other_stages():
     diags.warning("R150", "unused parameter", Span.point("a.route", 1, 9))
     diags.raise_if_any()  # warnings alone do not fail
     diags.error("R101", "undefined name `y`", Span(file="a.route", line=2, col=7, end_line=2, end_col=8),
-                notes=[("names in scope: none", None)], help="define `y` first")
+                notes=[("names in scope: none", None), "a bare note"], help="define `y` first")
     diags.error("R100", "earlier problem", Span.point("a.route", 1, 1))
     with pytest.raises(RouteError) as info:
         diags.raise_if_any()
@@ -153,6 +159,7 @@ def test_collector_for_other_stages():
     rendered = err.render()
     assert "a.route:2:7: error[R101]: undefined name `y`\n  2 |   out y\n    |       ^" in rendered
     assert "a.route:1:9: warning[R150]: unused parameter" in rendered
+    assert "   = note: names in scope: none\n   = note: a bare note\n   = help: define `y` first" in rendered
     assert str(err) == "a.route:1:1: error[R100]: earlier problem (and 2 more)"
 
 
