@@ -513,8 +513,14 @@ def _syntax_error(tokens: list[Token], i: int, tok: Token, expected: set[str], f
         owner = "an `if`" if tok.type == "ELSE" else "a `paths`"
         diags.error("R010", f"`{tok.value}` must follow the closing `}}` of {owner} block", _span(file, tok))
         return
-    message = f"expected {describe_expected(expected)}, found {describe_token(tok)}"
+    found = describe_token(tok)
     span = _span(file, tok) if tok.type != "$END" else Span.point(file, _line(tok), _col(tok))
+    if tok.type == "RBRACE" and i >= 1 and (tokens[i - 1].end_line or 0) < _line(tok):
+        # The newline before a closing `}` is dropped, but for the reader the statement ended there.
+        prev = tokens[i - 1]
+        found = "end of line"
+        span = Span.point(file, prev.end_line or _line(prev), prev.end_column or _col(prev))
+    message = f"expected {describe_expected(expected)}, found {found}"
     help = None
     if tok.type == "NAME":
         # A name where a keyword belongs: `} combin sum`, `scan h ovr x.T`, `blok A()`.
