@@ -246,7 +246,8 @@ class ExitPoint(nn.Module):
     """An exit in the batch: decides which samples leave and, in eval mode, removes them from the batch.
 
     State tensors carried from exit to exit: `out` [N, C] (the selected outputs so far), `index` [N] (the
-    exit each sample took, -1 while running), `alive` [n] (original row of each live row). In eval mode the
+    exit each sample took, -1 while running), `alive` [n] (original row of each live row). Returns the new
+    state, the head's rows of the survivors, and every live batch tensor packed the same way. In eval mode the
     samples whose rule holds write their head output into `out` and leave: every live batch tensor is
     packed to the survivors (compaction), so later layers run on fewer rows. In training nothing leaves.
     """
@@ -258,13 +259,13 @@ class ExitPoint(nn.Module):
     def forward(self, logits: Tensor, decision: Tensor, out: Tensor, index: Tensor, alive: Tensor,
                 *live: Tensor) -> tuple[Tensor, ...]:
         if self.training:
-            return (out, index, alive, *live)
+            return (out, index, alive, logits, *live)
         leave = decision.reshape(-1).to(torch.bool)
         rows = alive[leave]
         out = out.index_put((rows,), logits[leave].to(out.dtype))
         index = index.index_put((rows,), torch.full_like(rows, self.position))
         stay = ~leave
-        return (out, index, alive[stay], *(t[stay] for t in live))
+        return (out, index, alive[stay], logits[stay], *(t[stay] for t in live))
 
 
 class ExitFinal(nn.Module):

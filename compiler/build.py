@@ -236,21 +236,23 @@ def finish(el: Elaborator, d: ast.Definition) -> RoutedModule:
     exits: list[fx.Node] = []
     exit_names: list[str] = []
     if st is not None and st.heads:
-        if outs:
+        exits = [h.node for h in st.heads]
+        exit_names = list(st.names)
+        if outs:  # the model's `out` is the last exit: samples no exit took leave there
             final = outs[0][1]
             outs = outs[1:]
-            final_name = "final"
-        else:
-            final = st.heads[-1]
-            final_name = st.names[-1]
-        el.register("exit_final", _final(len(st.heads) if outs or final is not st.heads[-1] else len(st.heads) - 1))
-        node = el.call_module("exit_final", (final, st.out, st.index, st.alive))
+            position = len(st.heads)
+            exits.append(final.node)
+            exit_names.append("final")
+            # in training `final` is the full batch; in eval it was computed on the survivors
+            final_rows = final
+        else:  # the last exit is the fallback: its survivors take its output
+            position = len(st.heads) - 1
+            final_rows = st.last_survivors
+        el.register("exit_final", _final(position))
+        node = el.call_module("exit_final", (final_rows, st.out, st.index, st.alive))
         names += ["out", "exit_index"]
         nodes += [el.getitem(node, 0), el.getitem(node, 1)]
-        exits = [h.node for h in st.heads]
-        exit_names = st.names + ([final_name] if final is not st.heads[-1] else [])
-        if final is not st.heads[-1]:
-            exits.append(final.node)
     if not outs and not nodes:
         el.diags.error("R117", f"`{d.name}` has no `out`", d.span)
         raise RouteError(el.diags.items, el.sources)

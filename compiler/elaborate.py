@@ -42,10 +42,12 @@ class _Poison:
 
 POISON: Any = _Poison()
 
+CONSTANTS = ("eye", "route_table")
 GATE_KINDS = ("topk", "softmax", "sigmoid", "threshold", "bernoulli", "gumbel", "argmax", "keyed")
 COMBINE_MODES = ("sum", "mean", "max", "concat")
 EXIT_RULES = ("confidence", "entropy")
-INITIALISERS = ("zeros", "ones", "normal", "uniform", "constant", "xavier", "kaiming", "arange", "linspace")
+INITIALISERS = ("zeros", "ones", "normal", "uniform", "constant", "xavier", "kaiming", "arange", "linspace",
+                "s4d_real")
 DTYPES = {"float": torch.float32, "long": torch.int64, "int": torch.int64, "bool": torch.bool}
 
 _BINARY: dict[str, Callable[[Any, Any], Any]] = {
@@ -113,6 +115,7 @@ class ExitState:
     heads: list[Tensor] = field(default_factory=list)
     names: list[str] = field(default_factory=list)
     classes: Any = None
+    last_survivors: Optional[Tensor] = None  # the last exit head's rows of the samples still running
 
 
 class Elaborator:
@@ -241,7 +244,8 @@ class Elaborator:
             return Callee("layer", node.id, LAYERS[node.id])
         if node.id in FUNCS:
             return Callee("func", node.id, FUNCS[node.id])
-        if node.id in GATE_KINDS or node.id in INITIALISERS or node.id in ("random", "identity"):
+        if node.id in GATE_KINDS or node.id in INITIALISERS or node.id in CONSTANTS \
+                or node.id in ("random", "identity"):
             return Callee("builtin", node.id)
         known = scope.visible() + list(LAYERS) + list(FUNCS)
         close = difflib.get_close_matches(node.id, known, n=1, cutoff=0.75)
@@ -405,6 +409,8 @@ class Elaborator:
         if base is POISON:
             return POISON
         if isinstance(base, Tensor):
+            if e.attr == "T" and base.node.op == "get_attr" and len(base.shape) == 2:  # a weight matrix's transpose
+                return Tensor(self.call_function(torch.t, (base,)), tuple(reversed(base.shape)))
             if e.attr == "T" and len(base.shape) >= 2:
                 return SeqAxis(base)
             if e.attr == "t":
@@ -414,8 +420,14 @@ class Elaborator:
             if e.attr == "last" and len(base.shape) >= 2:
                 return Tensor(self.call_function(operator.getitem, (base, (slice(None), -1))),
                               (base.shape[0],) + tuple(base.shape[2:]))
-        if isinstance(base, StepSlice) and e.attr == "t":
-            return base.tensor
+        if isinstance(base, Instance) and base.kind == "layer":
+            param = self.lookup_param(f"{base.path}.{e.attr}")
+            if param is not None:  # a layer's parameter as a value: weight tying (`x @ tok.weight.T`)
+                return Tensor(self.get_param_node(f"{base.path}.{e.attr}"), tuple(param.shape))
+            names = [n for n, _ in self.lookup_module(base.path).named_parameters()]
+            close = difflib.get_close_matches(e.attr, names, n=1)
+            self.error("R106", f"the layer `{base.name}` has no parameter `{e.attr}` (it has "
+                       f"{', '.join(names) or 'none'})", e.span, help=f"did you mean `{close[0]}`?" if close else None)
         self.error("R106", f"{self.describe(base)} has no attribute `{e.attr}`", e.span)
 
     def eval_Index(self, e: ast.Index, scope: Scope, hint) -> Any:
@@ -492,6 +504,8 @@ class Elaborator:
             return POISON
         if isinstance(func, Callee) and func.name in ("zeros", "ones"):
             return self.filled(func.name, args, kwargs, e.span)
+        if isinstance(func, Callee) and func.kind == "builtin" and func.name in CONSTANTS:
+            return self.constant(func.name, args, kwargs, e.span)
         if isinstance(func, Callee) and func.kind == "func" and func.name == "permute" \
                 and any(isinstance(a, Callee) and a.name == "random" for a in args):
             dims = [a for a in args if not isinstance(a, Callee)]
@@ -625,13 +639,16 @@ class Elaborator:
                 rest.append(a)
         if defn.name in ("zeros", "ones"):
             return self.filled(defn.name, args, kwargs, span)
-        bound, errors = bind_args(defn, rest, kwargs)
+        symbolic = [self.dim_symbol(a) for a in rest]
+        symbolic_kw = {k: self.dim_symbol(v) for k, v in kwargs.items()}
+        bound, errors = bind_args(defn, symbolic, symbolic_kw)
         if errors:
             self.error("R110", errors[0], span)
         shape = defn.shape([t.shape for t in tensors], bound)
         if isinstance(shape, str):
             self.error("R121", shape, span)
-        node = self.call_function(defn.fn, tuple(tensors), bound)
+        runtime_kw = {k: self.dim_value(v, span) for k, v in bound.items()}
+        node = self.call_function(defn.fn, tuple(tensors), runtime_kw)
         if isinstance(shape, list):
             outs = tuple(Tensor(self.getitem(node, i), tuple(s)) for i, s in enumerate(shape))
             if defn.name == "shuffle" and scope is not None:
@@ -639,6 +656,33 @@ class Elaborator:
                 return outs[0]
             return outs
         return Tensor(node, tuple(shape))
+
+    def dim_symbol(self, v: Any) -> Any:
+        """Dims inside a function's arguments (`reshape(B, T, c)`) as the symbol strings shape rules take."""
+        if isinstance(v, Dim):
+            return v.name
+        if isinstance(v, (list, tuple)):
+            return type(v)(self.dim_symbol(x) for x in v)
+        return v
+
+    def dim_value(self, v: Any, span: Span) -> Any:
+        """… and as run-time sizes (graph nodes reading the input's size) for the call itself."""
+        if isinstance(v, str) and v in self.known_symbols():
+            try:
+                return self.runtime_dim(v)
+            except KeyError:
+                self.error("R115", f"the size `{v}` is not known when the model runs", span)
+        if isinstance(v, (list, tuple)):
+            return type(v)(self.dim_value(x, span) for x in v)
+        return v
+
+    def known_symbols(self) -> set[str]:
+        ctx: Optional[GraphContext] = self.ctx
+        out: set[str] = set()
+        while ctx is not None:
+            out |= set(ctx.dim_sources)
+            ctx = ctx.parent
+        return out
 
     def current_shuffle(self, scope: Scope, span: Span) -> Tensor:
         s: Optional[Scope] = scope
@@ -661,6 +705,29 @@ class Elaborator:
         like = self.like_tensor()
         fn = runtime.zeros_batch if kind == "zeros" else _ones_batch
         return Tensor(self.call_function(fn, tuple(sizes), {"like": like}), tuple(dims))
+
+    def constant(self, kind: str, args: list, kwargs: dict, span: Span) -> Tensor:
+        """Tensors fixed by parameters: `eye(n)` (float [n, n]) and `route_table(kind, H, W)` (the token
+        order of a 2-D route over an H×W grid, long [H·W]; kinds of `routec.codegen.multiscan.route_table`)."""
+        for v in list(args) + list(kwargs.values()):
+            if isinstance(v, (Tensor, Dim)):
+                self.error("R115", f"`{kind}` takes parameters (numbers, strings), got {self.describe(v)}", span)
+        like = self.like_tensor()
+        if kind == "eye":
+            if len(args) != 1 or not isinstance(args[0], int) or args[0] < 1:
+                self.error("R115", "`eye(n)` takes one size n ≥ 1", span)
+            return Tensor(self.call_function(_eye_like, (args[0],), {"like": like}), (args[0], args[0]))
+        from ..codegen.multiscan import route_table
+
+        if len(args) != 3 or not isinstance(args[0], str) or not all(isinstance(a, int) for a in args[1:]):
+            self.error("R115", "`route_table(kind, H, W)` takes a route kind and the grid's height and width",
+                       span)
+        name, h, w = args
+        try:
+            route_table(name, h * w, h, w)
+        except (ValueError, KeyError) as err:
+            self.error("R115", f"`route_table`: {err}", span)
+        return Tensor(self.call_function(_route_table, (name, h, w), {"like": like}), (h * w,), "long")
 
     def like_tensor(self) -> fx.Node:
         ctx = self.ctx
@@ -808,9 +875,12 @@ class Elaborator:
                 self.register(parent_path, nn.Module())
             owner = self.lookup_module(parent_path) if parent_path else self.root
             owner.register_parameter(leaf, nn.Parameter(data))
-        node = self._tag(self.ctx.graph.get_attr(path)) if self.ctx.parent is None else \
-            self._capture(self._tag(self.root_graph().get_attr(path)), self.ctx)
-        scope.names[s.name] = Tensor(node, tuple(dims))
+        scope.names[s.name] = Tensor(self.get_param_node(path), tuple(dims))
+
+    def get_param_node(self, path: str) -> fx.Node:
+        """A `get_attr` of parameter `path` in the model graph, captured into the current graph."""
+        node = self._tag(self.root_graph().get_attr(path))
+        return node if self.ctx.parent is None else self._capture(node, self.ctx)
 
     def root_graph(self) -> fx.Graph:
         ctx = self.ctx
@@ -855,6 +925,8 @@ class Elaborator:
                 if fname == "arange":
                     start = float(args[0]) if args else 0.0
                     return (torch.arange(dims[-1], dtype=torch.float32) + start).expand(dims).clone()
+                if fname == "s4d_real":  # Mamba's A_log init: log(1 … N) along the last dim
+                    return torch.log(torch.arange(1, dims[-1] + 1, dtype=torch.float32)).expand(dims).clone()
                 if fname == "linspace":
                     return torch.linspace(float(args[0]), float(args[1]), dims[-1]).expand(dims).clone()
             except (IndexError, ValueError, TypeError):
@@ -1286,11 +1358,12 @@ class Elaborator:
         st.out = Tensor(self.getitem(node, 0), st.out.shape)
         st.index = self.getitem(node, 1)
         st.alive = self.getitem(node, 2)
+        st.last_survivors = Tensor(self.getitem(node, 3), head.shape)
         st.heads.append(head)
         st.names.append(f"{s.name}[{key}]" if key is not None else s.name)
         for i, (owner, name) in enumerate(list(self.live_owners)):
             old = owner.names[name]
-            owner.names[name] = Tensor(self.getitem(node, 3 + i), old.shape, old.dtype)
+            owner.names[name] = Tensor(self.getitem(node, 4 + i), old.shape, old.dtype)
 
     def exit_array(self, name: str, scope: Scope) -> ExitArray:
         s: Optional[Scope] = scope
@@ -1374,6 +1447,16 @@ class StepSlice:
 @dataclass
 class _FakeCall:
     span: Span
+
+
+def _eye_like(n: int, like: torch.Tensor) -> torch.Tensor:
+    return torch.eye(n, dtype=like.dtype if like.is_floating_point() else torch.float32, device=like.device)
+
+
+def _route_table(kind: str, h: int, w: int, like: torch.Tensor) -> torch.Tensor:
+    from ..codegen.multiscan import route_table
+
+    return route_table(kind, h * w, h, w).to(like.device)
 
 
 def _ones_for(idx: torch.Tensor) -> torch.Tensor:

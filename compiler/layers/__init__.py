@@ -7,6 +7,9 @@ each definition's shape rule gives the symbolic output shape or a message; `rend
 
 from .funcs import FUNCS, token_shuffle, token_unshuffle
 from .modules import LAYERS
+from .vision import VISION_LAYERS
+
+LAYERS.update({defn.name: defn for defn in VISION_LAYERS})
 from .registry import (
     REQUIRED,
     UNKNOWN,

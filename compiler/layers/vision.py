@@ -1,0 +1,65 @@
+"""Image layers for CNN backbones (Dynamic Perceiver, FTWT, AFA's U-Nets): batch norm, pooling.
+
+Torch's own modules with their parameter names; shapes are [B, C, H, W] (or [B, C] / [B, C, L] for
+BatchNorm1d). Merged into `LAYERS` by the package.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from .registry import LayerDef, Param, Shape, ShapeResult, conv_length, render_shape
+
+
+def _channels(name: str, ranks: tuple[int, ...], layout: str):
+    def rule(kw: dict, shapes: list[Shape]) -> ShapeResult:
+        (x,) = shapes
+        if len(x) not in ranks:
+            return f"`{name}` expects {layout}, got {render_shape(x)}"
+        c = x[1]
+        if isinstance(c, int) and c != kw["channels"]:
+            return f"`{name}({kw['channels']})` expects {kw['channels']} channels in dimension 1, got {render_shape(x)}"
+        return x
+
+    return rule
+
+
+def _pool(name: str):
+    def rule(kw: dict, shapes: list[Shape]) -> ShapeResult:
+        (x,) = shapes
+        if len(x) != 4:
+            return f"`{name}` expects [B, C, H, W], got {render_shape(x)}"
+        stride = kw["stride"] or kw["kernel"]
+        return x[:2] + tuple(conv_length(s, kw["kernel"], stride, kw["padding"]) for s in x[2:])
+
+    return rule
+
+
+def _adaptive(kw: dict, shapes: list[Shape]) -> ShapeResult:
+    (x,) = shapes
+    if len(x) != 4:
+        return f"`AdaptiveAvgPool2d` expects [B, C, H, W], got {render_shape(x)}"
+    return x[:2] + (kw["size"], kw["size"])
+
+
+_POOL_PARAMS = (Param("kernel", "int"), Param("stride", "int", 0, "0: the kernel size"), Param("padding", "int", 0))
+
+VISION_LAYERS = (
+    LayerDef("BatchNorm2d", (Param("channels", "int"), Param("eps", "float", 1e-5), Param("momentum", "float", 0.1)),
+             lambda channels, eps, momentum: nn.BatchNorm2d(channels, eps=eps, momentum=momentum),
+             _channels("BatchNorm2d", (4,), "[B, C, H, W]"),
+             "batch normalisation over [B, C, H, W] (running statistics in eval)"),
+    LayerDef("BatchNorm1d", (Param("channels", "int"), Param("eps", "float", 1e-5), Param("momentum", "float", 0.1)),
+             lambda channels, eps, momentum: nn.BatchNorm1d(channels, eps=eps, momentum=momentum),
+             _channels("BatchNorm1d", (2, 3), "[B, C] or [B, C, L]"),
+             "batch normalisation over [B, C] or [B, C, L]"),
+    LayerDef("MaxPool2d", _POOL_PARAMS,
+             lambda kernel, stride, padding: nn.MaxPool2d(kernel, stride or kernel, padding),
+             _pool("MaxPool2d"), "max pooling: [B, C, H, W] → [B, C, H', W']"),
+    LayerDef("AvgPool2d", _POOL_PARAMS,
+             lambda kernel, stride, padding: nn.AvgPool2d(kernel, stride or kernel, padding),
+             _pool("AvgPool2d"), "average pooling: [B, C, H, W] → [B, C, H', W']"),
+    LayerDef("AdaptiveAvgPool2d", (Param("size", "int", 1),),
+             lambda size: nn.AdaptiveAvgPool2d(size), _adaptive,
+             "average pooling to a fixed size: [B, C, H, W] → [B, C, size, size]"),
+)
