@@ -16,7 +16,7 @@ import re
 from typing import Optional
 
 from . import ast
-from .parser import parse
+from .parser import normalise, parse
 
 __all__ = ["format_source", "format_module", "format_expr"]
 
@@ -327,11 +327,9 @@ class _Printer:
 
 def format_module(module: ast.Module, source: str) -> str:
     """The canonical text of `module`, parsed from `source` (used to place comments)."""
-    return _Printer(module, source).module(module)
+    return _Printer(module, normalise(source)).module(module)
 
 
 def format_source(source: str, filename: str = "<string>") -> str:
     """Parse `source` and print it in canonical form; raises RouteError if it does not parse."""
-    module = parse(source, filename)
-    text = source.decode("utf-8") if isinstance(source, bytes) else source
-    return format_module(module, text.replace("\r\n", "\n").replace("\r", "\n"))
+    return format_module(parse(source, filename), source)

@@ -157,7 +157,8 @@ def read_source(path: Union[str, os.PathLike]) -> str:
     return decode_source(data, filename)
 
 
-def _normalise(text: str) -> str:
+def normalise(text: str) -> str:
+    """Text as the parser sees it: no byte-order mark, `\\n` line ends (positions refer to this)."""
     if text.startswith("\ufeff"):
         text = text[1:]
     return text.replace("\r\n", "\n").replace("\r", "\n")
@@ -994,7 +995,7 @@ def parse(source: Union[str, bytes], filename: str = "<string>") -> ast.Module:
     """Parse a `.route` file. Raises RouteError holding every error found, sorted by position."""
     if isinstance(source, (bytes, bytearray)):
         source = decode_source(bytes(source), filename)
-    text = _normalise(source)
+    text = normalise(source)
     sources = {filename: text}
     diags = Diagnostics(sources)
     if len(text.encode("utf-8", errors="replace")) > MAX_SOURCE_BYTES:
