@@ -286,24 +286,35 @@ class ExitFinal(nn.Module):
 class ScanLoop(nn.Module):
     """A general recurrence: runs the step graph over the scanned axis one step at a time.
 
-    `step(states..., slices..., captured...) -> (new states..., emits...)`; sequences are scanned along
-    dim 1 (in reverse when asked). Returns the final states and the emits stacked along dim 1 in the
-    sequence's order. The step's modules are registered on the model at their spec paths, not here, so
-    the step is held outside the module registry.
+    `step(states..., slices..., captured...) -> (new states..., emits... [, head, exit decision])`; sequences
+    are scanned along dim 1 (in reverse when asked). Returns the final states and the emits stacked along
+    dim 1 in the sequence's order. The step's modules are registered on the model at their spec paths, not
+    here, so the step is held outside the module registry.
+
+    With an exit in the body (exit over time, DESIGN §4) three more outputs follow: per sample the head
+    output of the first step whose rule holds (else the last step), that step's index, and the head at every
+    step [B, T, C]. In eval mode samples that exit leave the batch: later steps run on the survivors only
+    (states, sequences and the `batched` captured tensors are packed), their final states and emits are
+    frozen at the exit step (emits are zero after it), and the every-step output holds the selected output
+    at every step. In training every sample runs every step.
     """
 
-    def __init__(self, step, n_states: int, n_seqs: int, n_emits: int, reverse: bool = False):
+    def __init__(self, step, n_states: int, n_seqs: int, n_emits: int, reverse: bool = False,
+                 exit: bool = False, batched: tuple = ()):
         super().__init__()
         object.__setattr__(self, "_step", step)
         self.n_states, self.n_seqs, self.n_emits, self.reverse = n_states, n_seqs, n_emits, reverse
+        self.exit, self.batched = exit, tuple(batched)
 
     def forward(self, *args: Tensor) -> tuple[Tensor, ...]:
         states = list(args[: self.n_states])
         seqs = args[self.n_states: self.n_states + self.n_seqs]
         captured = args[self.n_states + self.n_seqs:]
+        if self.exit and not self.training:
+            return self._compacted(states, seqs, captured)
         length = seqs[0].size(1)
         steps = range(length - 1, -1, -1) if self.reverse else range(length)
-        emitted: list[list[Tensor]] = [[] for _ in range(self.n_emits)]
+        emitted: list[list[Tensor]] = [[] for _ in range(self.n_emits + (2 if self.exit else 0))]
         for t in steps:
             result = self._step(*states, *(s[:, t] for s in seqs), *captured)
             result = result if isinstance(result, tuple) else (result,)
@@ -313,4 +324,47 @@ class ScanLoop(nn.Module):
         if self.reverse:
             for slot in emitted:
                 slot.reverse()
-        return (*states, *(torch.stack(slot, 1) for slot in emitted))
+        stacked = [torch.stack(slot, 1) for slot in emitted]
+        if not self.exit:
+            return (*states, *stacked)
+        heads, decisions = stacked[-2], stacked[-1].to(torch.bool)  # [B, T, C], [B, T]
+        order = torch.arange(length, device=heads.device)
+        if self.reverse:
+            order = order.flip(0)
+        hit = decisions[:, order]
+        first = torch.where(hit.any(1), hit.int().argmax(1), torch.full_like(hit[:, 0], length - 1, dtype=torch.int64))
+        index = order[first]
+        selected = heads[torch.arange(heads.size(0), device=heads.device), index]
+        return (*states, *stacked[:-2], selected, index, heads)
+
+    def _compacted(self, states: list[Tensor], seqs: tuple, captured: tuple) -> tuple[Tensor, ...]:
+        n, length = seqs[0].size(0), seqs[0].size(1)
+        steps = list(range(length - 1, -1, -1) if self.reverse else range(length))
+        alive = torch.arange(n, device=seqs[0].device)
+        final = [s.clone() for s in states]
+        emits: list[Optional[Tensor]] = [None] * self.n_emits
+        out: Optional[Tensor] = None
+        index = torch.full((n,), steps[-1], dtype=torch.int64, device=alive.device)
+        live_captured = list(captured)
+        for step_no, t in enumerate(steps):
+            result = self._step(*states, *(s[alive, t] for s in seqs), *live_captured)
+            states = list(result[: self.n_states])
+            for j, value in enumerate(result[self.n_states: self.n_states + self.n_emits]):
+                if emits[j] is None:
+                    emits[j] = value.new_zeros(n, length, *value.shape[1:])
+                emits[j] = emits[j].index_put((alive, torch.full_like(alive, t)), value)
+            head, decision = result[-2], result[-1].reshape(-1).to(torch.bool)
+            if out is None:
+                out = head.new_zeros(n, *head.shape[1:])
+            leave = decision if step_no < length - 1 else torch.ones_like(decision)
+            rows = alive[leave]
+            out = out.index_put((rows,), head[leave])
+            index = index.index_put((rows,), torch.full_like(rows, t))
+            final = [f.index_put((rows,), s[leave]) for f, s in zip(final, states)]
+            stay = ~leave
+            alive = alive[stay]
+            states = [s[stay] for s in states]
+            live_captured = [c[stay] if b else c for c, b in zip(live_captured, self.batched)]
+        assert out is not None
+        stacked = [e if e is not None else out.new_zeros(n, length) for e in emits]
+        return (*final, *stacked, out, index, out.unsqueeze(1).expand(n, length, *out.shape[1:]))

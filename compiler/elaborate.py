@@ -134,6 +134,8 @@ class Elaborator:
         self.aux_losses: list[fx.Node] = []
         self.created: dict[str, Any] = {}  # module path → owner instance key (for sharing checks)
         self.scan_frames: list[Any] = []
+        self.node_shapes: dict[int, tuple] = {}  # id(fx node) → symbolic shape, for nodes used as arguments
+        self.time_exits: list[tuple[str, Any, Any, Any]] = []  # (name, selected, index, every step) nodes
         self.pending_outs: list[tuple[Optional[str], Any]] = []
         self.file_scopes: dict[str, Scope] = {}
         self.live_owners: list[tuple[Scope, str]] = []
@@ -156,6 +158,7 @@ class Elaborator:
 
     def node_of(self, t: Tensor) -> fx.Node:
         """The node for `t` in the current graph, capturing it from an enclosing graph if needed."""
+        self.node_shapes.setdefault(id(t.node), t.shape)
         return self._capture(t.node, self.ctx)
 
     def _capture(self, node: fx.Node, ctx: GraphContext) -> fx.Node:
@@ -1325,9 +1328,12 @@ class Elaborator:
         if not isinstance(head, Tensor) or len(head.shape) != 2:
             got = render_shape(head.shape) if isinstance(head, Tensor) else self.describe(head)
             self.error("R150", f"`exit` head must produce [B, C] logits, got {got}", s.value.span)
+        if self.scan_frames and self.scan_frames[-1].mode == "step":
+            self.time_exit(s, head, scope)
+            return
         if self.ctx.parent is not None:
-            self.error("R151", "`exit` inside a `scan` body is not supported: exit over time steps is "
-                       "written with the scan's outputs (see docs/language.md)", s.span)
+            self.error("R151", "`exit` here is inside a nested graph (a route branch); exits belong to the "
+                       "model body or a scan body", s.span)
         key = None
         if s.index is not None:
             key = self.static(s.index, scope, "an exit index")
@@ -1365,6 +1371,24 @@ class Elaborator:
             old = owner.names[name]
             owner.names[name] = Tensor(self.getitem(node, 4 + i), old.shape, old.dtype)
 
+    def time_exit(self, s: ast.Exit, head: Tensor, scope: Scope) -> None:
+        """`exit` inside a scan body: a head and rule per time step (exit over time, DESIGN §4)."""
+        frame = self.scan_frames[-1]
+        if s.index is not None:
+            self.error("R151", "an exit inside a scan is per time step already: it takes no index", s.index.span)
+        if frame.exit is not None:
+            self.error("R151", "a scan body has at most one `exit`", s.span)
+        if self.exit_state is not None or self.time_exits:
+            self.error("R151", "a model exits either along depth or along one scan's time steps, not both", s.span)
+        scope.names[s.name] = head
+        decision = self.eval(s.rule, scope)
+        if decision is POISON:
+            raise Abort()
+        if not isinstance(decision, Tensor) or decision.dtype != "bool":
+            self.error("R152", "an exit rule must be a per-sample condition such as `confidence(head) >= 0.9`, "
+                       f"got {self.describe(decision)}", s.rule.span)
+        frame.exit = (s.name, head, decision)
+
     def exit_array(self, name: str, scope: Scope) -> ExitArray:
         s: Optional[Scope] = scope
         while s is not None:
@@ -1378,6 +1402,11 @@ class Elaborator:
             top = top.parent
         top.names[name] = arr
         return arr
+
+    def node_batch(self, node: fx.Node, batch: Any) -> bool:
+        """Whether a graph value has the batch as its first dimension (it leaves with exited samples)."""
+        shape = self.node_shapes.get(id(node))
+        return bool(shape) and shape[0] == batch
 
     def exits(self) -> ExitState:
         if self.exit_state is None:

@@ -41,6 +41,7 @@ class ScanFrame:
     def __init__(self, mode: str):
         self.mode = mode
         self.seqs: dict[int, tuple[Tensor, Tensor]] = {}  # id(outer node) → (outer sequence, step slice)
+        self.exit: Optional[tuple[str, Tensor, Tensor]] = None  # an `exit` in the body: (name, head, rule)
 
     def step_of(self, el: Elaborator, base: Tensor, span: Any) -> Tensor:
         if len(base.shape) < 2:
@@ -297,7 +298,8 @@ def step_loop(el: Elaborator, s: ast.Scan, scope: Scope, seq: Tensor, inits: lis
                          f"{render_shape(value.shape)}", s.span)
             new_states.append(value)
         emits = sub.names["__emits__"]
-        ctx.graph.output(tuple(v.node for v in new_states) + tuple(v.node for v in emits.values()))
+        extra = (frame.exit[1].node, frame.exit[2].node) if frame.exit is not None else ()
+        ctx.graph.output(tuple(v.node for v in new_states) + tuple(v.node for v in emits.values()) + extra)
     finally:
         el.ctx = outer
         el.scan_frames.pop()
@@ -306,9 +308,12 @@ def step_loop(el: Elaborator, s: ast.Scan, scope: Scope, seq: Tensor, inits: lis
     seqs = [outer_seq for outer_seq, _ in frame.seqs.values()]
     if perm is not None:
         seqs = [Tensor(el.call_function(torch.index_select, (t, 1, perm)), t.shape) for t in seqs]
-    if el.lookup_module(path) is None:
-        el.register(path, runtime.ScanLoop(step, len(s.states), len(seqs), len(emits), reverse=reverse))
     captured = [outer_node for outer_node, _ in ctx.captures.values()]
+    batch = seq.shape[0]
+    batched = tuple(el.node_batch(n, batch) for n in captured)
+    if el.lookup_module(path) is None:
+        el.register(path, runtime.ScanLoop(step, len(s.states), len(seqs), len(emits), reverse=reverse,
+                                           exit=frame.exit is not None, batched=batched))
     node = el.call_module(path, tuple(inits) + tuple(seqs) + tuple(captured))
     length = seq.shape[1]
     out: dict[str, Tensor] = {}
@@ -320,5 +325,12 @@ def step_loop(el: Elaborator, s: ast.Scan, scope: Scope, seq: Tensor, inits: lis
             inverse = el.call_function(torch.argsort, (perm,))
             stacked = el.call_function(torch.index_select, (stacked, 1, inverse))
         out[name] = Tensor(stacked, v.shape[:1] + (length,) + v.shape[1:])
+    if frame.exit is not None:
+        name, head, _ = frame.exit
+        base = len(s.states) + len(emits)
+        selected, index, every = (el.getitem(node, base + i) for i in range(3))
+        el.time_exits.append((name, Tensor(selected, head.shape), index,
+                              Tensor(every, head.shape[:1] + (length,) + head.shape[1:])))
+        out[name] = Tensor(selected, head.shape)
     el.stats.append(("scan", s.states[0], node))
     return out

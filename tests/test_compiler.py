@@ -304,3 +304,31 @@ def test_cli_errors_have_no_traceback(tmp_path):
     assert "error[R101]" in done.stderr and "Traceback" not in done.stderr
     done = run_cli("run", "stdlib:no_such_spec")
     assert done.returncode == 1 and "Traceback" not in done.stderr
+
+
+TIME_EXIT_SPEC = """
+model RNNExit(n_in: int = 3, n: int = 8, classes: int = 4, t: float = 0.5) {
+    in x: [B, T, n_in]
+    scan h over x.T init zeros([B, n]) {
+        h = GRUCell(n_in, n)(x.t, h)
+        exit e = h -> Linear(n, classes) when confidence(e) >= t
+    }
+}
+"""
+
+
+@pytest.mark.parametrize("threshold", [0.0, 0.32, 0.35, 2.0])
+def test_exit_over_time_equals_run_all_steps_then_select(threshold):
+    torch.manual_seed(0)
+    net = compile_source(TIME_EXIT_SPEC, "r.route", t=threshold)
+    x = torch.randn(9, 6, 3) * 2
+    net.train()
+    with torch.no_grad():
+        (heads,) = net(x).exits  # [B, T, C]: every step, every sample
+    net.eval()
+    with torch.no_grad():
+        out, index = net(x)
+    hit = torch.softmax(heads, -1).max(-1).values >= threshold
+    want_index = torch.where(hit.any(1), hit.int().argmax(1), torch.tensor(5))
+    assert torch.equal(index, want_index)
+    assert torch.equal(out, heads[torch.arange(9), want_index])
