@@ -202,3 +202,12 @@ def test_else_if_chains_stay_flat():
 def test_fmt_refuses_broken_input():
     with pytest.raises(RouteError):
         format_source("block A( {\n}\n", "bad.route")
+
+
+def test_docs_of_branches_and_nested_routes():
+    check(
+        "block A() {\n    out route x by g to {\n        ## keep it\n        a: x\n        b: route x by h to {\n"
+        "            c: x\n        }\n    }\n}\n",
+        "block A() {\n    out route x by g to {\n        ## keep it\n        a: x\n        b: route x by h to {\n"
+        "            c: x\n        }\n    }\n}\n",
+    )

@@ -448,3 +448,16 @@ def test_examples_parse_and_cover_every_construct():
 def test_dsl_does_not_import_torch():
     code = "import sys, routec.dsl, routec.dsl.fmt; assert 'torch' not in sys.modules, 'torch imported'"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_paths_inputs_take_no_keywords():
+    with pytest.raises(RouteError) as info:
+        parse("block A() {\n    paths p(x=1) { a: x } combine sum\n    out p\n}\n", "k.route")
+    assert info.value.codes == ["R016"]
+
+
+def test_too_many_bad_characters_stop_early():
+    with pytest.raises(RouteError) as info:
+        parse("block A() {\n    out " + "$ " * 80 + "\n}\n", "c.route")
+    codes = info.value.codes
+    assert codes.count("R006") == 50 and codes[-1] == "R099"
