@@ -368,3 +368,11 @@ class ScanLoop(nn.Module):
         assert out is not None
         stacked = [e if e is not None else out.new_zeros(n, length) for e in emits]
         return (*final, *stacked, out, index, out.unsqueeze(1).expand(n, length, *out.shape[1:]))
+
+
+def lif(x: Tensor, beta: float = 1.0, threshold: float = 1.0, reset: str = "subtract") -> Tensor:
+    """Spikes of (leaky) integrate-and-fire neurons driven by x [B, T, ...] along time (dim 1), one neuron
+    per trailing element: `ops.lif_scan` on the flattened channels (beta = 1 is IF)."""
+    flat = x.reshape(x.shape[0], x.shape[1], -1)
+    spikes, _ = ops.lif_scan(flat, beta=beta, threshold=threshold, reset=reset)
+    return spikes.reshape(x.shape)

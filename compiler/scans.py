@@ -117,6 +117,9 @@ def body_scope(scope: Scope, prefix: str) -> Scope:
 def try_fused(el: Elaborator, s: ast.Scan, scope: Scope, seq: Tensor, inits: list[Tensor],
               reverse: bool, prefix: str) -> Optional[dict[str, Tensor]]:
     """Lower a recognised single-state recurrence (plus `emit y = h`) to its fused op, or return None."""
+    cell = match_cell(s)
+    if cell is not None and not reverse:
+        return lower_cell(el, s, scope, seq, inits, prefix, *cell)
     if len(s.states) != 1:
         return None
     h = s.states[0]
@@ -155,6 +158,76 @@ def try_fused(el: Elaborator, s: ast.Scan, scope: Scope, seq: Tensor, inits: lis
     out = {h: Tensor(last, h0.shape)}
     for e in emits:
         out[e.name] = Tensor(node, full)
+    return out
+
+
+def match_cell(s: ast.Scan):
+    """`h = GRUCell(i, n)(u, h)` or `h, c = LSTMCell(i, n)(u, (h, c))` / `(u, h, c)`, then `emit y = h`s,
+    with `u` free of the states → (cell name, cell expression, input expression, emits)."""
+    if not s.body or not isinstance(s.body[0], ast.Assign):
+        return None
+    update, emits = s.body[0], s.body[1:]
+    targets = tuple(t.id for t in update.targets)
+    if targets != tuple(s.states) or not all(isinstance(e, ast.Emit) and isinstance(e.value, ast.Name)
+                                             and e.value.id == s.states[0] for e in emits):
+        return None
+    call = update.value
+    if not (isinstance(call, ast.Call) and isinstance(call.func, ast.Call) and isinstance(call.func.func, ast.Name)):
+        return None
+    kind = call.func.func.id
+    args = list(call.args)
+    if len(args) == 2 and isinstance(args[1], ast.TupleExpr):
+        args = [args[0], *args[1].items]
+    names = [a.id if isinstance(a, ast.Name) else None for a in args[1:]]
+    if kind == "GRUCell" and names == list(s.states) and len(s.states) == 1:
+        pass
+    elif kind == "LSTMCell" and names == list(s.states) and len(s.states) == 2:
+        pass
+    else:
+        return None
+    if any(mentions(args[0], st) for st in s.states):
+        return None
+    return kind, call.func, args[0], emits
+
+
+def lower_cell(el: Elaborator, s: ast.Scan, scope: Scope, seq: Tensor, inits: list[Tensor], prefix: str,
+               kind: str, cell_expr: ast.Expr, u_expr: ast.Expr, emits: list) -> Optional[dict[str, Tensor]]:
+    """GRU / LSTM cells over the whole sequence with `gru_scan` / `lstm_scan` (input projection hoisted)."""
+    el.stmt_span, el.stmt_text = s.body[0].span, el.source_line(s.body[0].span)
+    frame = ScanFrame("full")
+    el.scan_frames.append(frame)
+    try:
+        sub = body_scope(scope, prefix)
+        cell = el.eval(cell_expr, sub)
+        u = el.eval(u_expr, sub)
+    finally:
+        el.scan_frames.pop()
+    if u is POISON or cell is POISON:
+        raise Abort()
+    if not (isinstance(cell, Instance) and cell.kind == "layer") or not isinstance(u, Tensor) or len(u.shape) != 3:
+        return None
+    n_in, n = cell.kwargs["input"], cell.kwargs["hidden"]
+    if isinstance(u.shape[-1], int) and u.shape[-1] != n_in:
+        el.error("R121", f"`{kind}({n_in}, {n})` expects inputs of width {n_in}, got {render_shape(u.shape)}",
+                 u_expr.span)
+    graph = el.root_graph()
+    w_ih, w_hh, b_ih, b_hh = (el._tag(graph.get_attr(f"{cell.path}.{p}"))
+                              for p in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"))
+    if not el.ctx.owns(w_ih):
+        w_ih, w_hh, b_ih, b_hh = (el._capture(x, el.ctx) for x in (w_ih, w_hh, b_ih, b_hh))
+    proj = el.call_function(torch.nn.functional.linear, (u, w_ih, b_ih))
+    full = seq.shape[:2] + (n,)
+    if kind == "GRUCell":
+        node = el.call_function(ops.gru_scan, (proj, w_hh, b_hh, inits[0]))
+        seqs = {s.states[0]: node}
+    else:
+        node = el.call_function(ops.lstm_scan, (proj, w_hh, b_hh, inits[0], inits[1]))
+        seqs = {name: el.getitem(node, i) for i, name in enumerate(s.states)}
+    el.stats.append(("scan", s.states[0], node))
+    out = {name: Tensor(el.call_function(operator.getitem, (v, (slice(None), -1))), (seq.shape[0], n))
+           for name, v in seqs.items()}
+    for e in emits:
+        out[e.name] = Tensor(seqs[s.states[0]], full)
     return out
 
 

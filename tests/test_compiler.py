@@ -332,3 +332,69 @@ def test_exit_over_time_equals_run_all_steps_then_select(threshold):
     want_index = torch.where(hit.any(1), hit.int().argmax(1), torch.tensor(5))
     assert torch.equal(index, want_index)
     assert torch.equal(out, heads[torch.arange(9), want_index])
+
+
+def test_gru_and_lstm_cells_lower_to_fused_scans_and_match_torch_cells():
+    spec = """
+    model C(n_in: int = 3, n: int = 5) {
+        in x: [B, T, n_in]
+        scan h over x.T init zeros([B, n]) {
+            h = GRUCell(n_in, n)(x.t * 2.0, h)
+            emit y = h
+        }
+        scan (a, c) over x.T init (zeros([B, n]), zeros([B, n])) {
+            a, c = LSTMCell(n_in, n)(x.t, (a, c))
+        }
+        out seq = y
+        out last = a + c
+    }
+    """
+    torch.manual_seed(0)
+    net = compile_source(spec, "c.route")
+    called = [getattr(n.target, "__name__", "") for n in net.graph.nodes if n.op == "call_function"]
+    assert "gru_scan" in called and "lstm_scan" in called
+    sd = net.state_dict()
+    gru, lstm = torch.nn.GRUCell(3, 5), torch.nn.LSTMCell(3, 5)
+    gru.load_state_dict({k[len("h.grucell."):]: v for k, v in sd.items() if k.startswith("h.grucell.")})
+    lstm.load_state_dict({k[len("a.lstmcell."):]: v for k, v in sd.items() if k.startswith("a.lstmcell.")})
+    x = torch.randn(2, 4, 3)
+    h, a, c, ys = torch.zeros(2, 5), torch.zeros(2, 5), torch.zeros(2, 5), []
+    for t in range(4):
+        h = gru(x[:, t] * 2.0, h)
+        a, c = lstm(x[:, t], (a, c))
+        ys.append(h)
+    out = net(x)
+    torch.testing.assert_close(out.seq, torch.stack(ys, 1), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out.last, a + c, rtol=1e-5, atol=1e-6)
+
+
+def test_lif_function_matches_integrate_and_fire_loop():
+    spec = "model S(d: int = 4) {\n    in x: [B, T, d, 2]\n    out x -> lif(beta=0.5, threshold=0.8)\n}\n"
+    net = compile_source(spec, "s.route")
+    x = torch.rand(2, 6, 4, 2)
+    v, spikes = torch.zeros(2, 4, 2), []
+    for t in range(6):
+        v = 0.5 * v + x[:, t]
+        s = (v >= 0.8).float()
+        v = v - s * 0.8
+        spikes.append(s)
+    assert torch.equal(net(x), torch.stack(spikes, 1))
+
+
+def test_weight_tying_constants_and_symbolic_reshape():
+    spec = """
+    model V(c: int = 3, n: int = 4) {
+        in x: [B, c, 8, 8]
+        in ids: [B, T] long
+        h = x -> Conv2d(c, 8, 3, padding=1) -> BatchNorm2d(8) -> relu -> MaxPool2d(2) -> AdaptiveAvgPool2d(1)
+        tok = Embedding(10, n)
+        out logits = (ids -> tok) @ tok.weight.T
+        out feats = (h -> reshape(B, 8)) @ eye(8)
+    }
+    """
+    net = compile_source(spec, "v.route").eval()
+    x, ids = torch.randn(2, 3, 8, 8), torch.randint(0, 10, (2, 5))
+    out = net(x, ids)
+    w = net.state_dict()["tok.weight"]
+    torch.testing.assert_close(out.logits, w[ids] @ w.T)
+    assert out.feats.shape == (2, 8)

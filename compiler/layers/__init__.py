@@ -7,9 +7,11 @@ each definition's shape rule gives the symbolic output shape or a message; `rend
 
 from .funcs import FUNCS, token_shuffle, token_unshuffle
 from .modules import LAYERS
+from .spiking import SPIKING_FUNCS
 from .vision import VISION_LAYERS
 
 LAYERS.update({defn.name: defn for defn in VISION_LAYERS})
+FUNCS.update({defn.name: defn for defn in SPIKING_FUNCS})
 from .registry import (
     REQUIRED,
     UNKNOWN,
