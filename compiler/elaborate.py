@@ -24,7 +24,7 @@ from torch import nn
 
 from ..codegen import ops, runtime
 from ..dsl import ast
-from ..dsl.diagnostics import Diagnostics, RouteError, Span
+from ..dsl.diagnostics import Diagnostics, Note, RouteError, Span
 from .layers import FUNCS, LAYERS, FuncDef, LayerDef, bind_args, render_shape, render_value
 from .layers.registry import describe
 from .meta import ROUTE_SPAN, ROUTE_STMT
@@ -750,8 +750,12 @@ class Elaborator:
             self.bind_input(decl, value, scope, span, d.name)
         saved = self.stmt_span, self.stmt_text
         before = len(self.diags.errors)
-        outs = self.run_body(d.body, scope, block=True)
-        self.stmt_span, self.stmt_text = saved
+        first_new = len(self.diags.items)
+        try:
+            outs = self.run_body(d.body, scope, block=True)
+        finally:
+            self.stmt_span, self.stmt_text = saved
+            self.note_expansion(first_new, d.name, span)
         if not outs:
             if len(self.diags.errors) > before:
                 raise Abort()
@@ -759,6 +763,14 @@ class Elaborator:
         if len(outs) == 1:
             return outs[0][1]
         return tuple(v for _, v in outs)
+
+    def note_expansion(self, first: int, name: str, span: Span) -> None:
+        """Diagnostics found in a block's body (items `first`…) also say where the block was used; nested
+        blocks stack their notes innermost first, like a traceback read from the error outwards."""
+        note = Note(message=f"while expanding `{name}` at {span}")
+        items = self.diags.items
+        for i in range(first, len(items)):
+            items[i] = items[i].model_copy(update={"notes": items[i].notes + (note,)})
 
     def bind_input(self, decl: ast.InDecl, value: Tensor, scope: Scope, span: Span, owner: str) -> None:
         want = [self.eval_dim(x, scope) for x in decl.shape]
