@@ -4,10 +4,6 @@
 The reference keeps the official structure: time-major input [T, B, 1], an input Linear, a recurrent Linear
 whose diagonal is zeroed in place before every forward, trainable per-neuron τ clamped at 1, the update
 r = LeakyReLU((1 - 1/τ) r + (W_rec r + b + W_in u_t) / τ), and a list of linear readout heads on the final state.
-
-The paper's network (no self-connections) needs `eye`, which the language lacks: those checks are xfail. The
-spec's `self_connections=true` ablation (W_rec keeps its diagonal; the reference skips the zeroing) compiles
-without it and verifies everything else: the τ scan, the clamp, the non-linearity and the heads.
 """
 
 import pytest
@@ -15,15 +11,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from routec.dsl import RouteError
-
 SMALL = dict(n_in=1, n=12, heads=3, classes=2)
 
 
 class RefLeakyRNN(nn.Module):
-    def __init__(self, n_in: int, n: int, heads: int, classes: int, self_connections: bool = False):
+    def __init__(self, n_in: int, n: int, heads: int, classes: int):
         super().__init__()
-        self.self_connections = self_connections
         self.input_layer = nn.Linear(n_in, n)
         self.w_hh = nn.Linear(n, n)
         self.taus = nn.Parameter(1 + torch.rand(n))
@@ -31,9 +24,8 @@ class RefLeakyRNN(nn.Module):
         self.afunc = nn.LeakyReLU()
 
     def forward(self, data, h0):  # data [T, B, n_in] (time-major, as the official code), h0 [B, n]
-        if not self.self_connections:
-            with torch.no_grad():
-                self.w_hh.weight.fill_diagonal_(0.0)  # no self-connections, as in the official forward
+        with torch.no_grad():
+            self.w_hh.weight.fill_diagonal_(0.0)  # no self-connections, as in the official forward
         x = self.input_layer(data)
         h = h0
         tau = torch.clamp(self.taus, min=1.0)
@@ -94,11 +86,11 @@ def copy_into(ref: nn.Module, net: nn.Module, names: dict) -> None:
                 dst[ours].copy_(src[theirs][rows])
 
 
-def pair(self_connections: bool, small=SMALL):
+def pair(small=SMALL):
     from routec.compiler import load
 
-    net = load("stdlib:leaky_rnn_tau", self_connections=self_connections, **small)
-    ref = RefLeakyRNN(**small, self_connections=self_connections)
+    net = load("stdlib:leaky_rnn_tau", **small)
+    ref = RefLeakyRNN(**small)
     copy_into(ref, net, name_map(small["heads"], small["classes"]))
     return net, ref
 
@@ -108,16 +100,10 @@ def logits_of(out):
     return out.logits
 
 
-EYE = "compiler lacks `eye` (the mask that removes self-connections from W_rec)"
-VARIANTS = [pytest.param(False, marks=pytest.mark.xfail(strict=True, raises=RouteError, reason=EYE), id="paper"),
-            pytest.param(True, id="self_connections")]
-
-
-@pytest.mark.parametrize("self_connections", VARIANTS)
 @pytest.mark.parametrize("T", [1, 13])
-def test_model_matches_reference_in_eval(T, self_connections):
+def test_model_matches_reference_in_eval(T):
     torch.manual_seed(1)
-    net, ref = pair(self_connections)
+    net, ref = pair()
     net.eval(), ref.eval()
     x = torch.randint(0, 2, (4, T, 1)).float()  # binary input streams
     h0 = 0.1 * torch.rand(4, SMALL["n"])  # the official default initial state
@@ -126,11 +112,10 @@ def test_model_matches_reference_in_eval(T, self_connections):
         torch.testing.assert_close(got, ref(x.transpose(0, 1), h0), rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("self_connections", VARIANTS)
-def test_model_train_step(self_connections):
+def test_model_train_step():
     """The multi-head curriculum's loss (sum of per-head cross-entropies); τ, W_rec, W_in and every head learn."""
     torch.manual_seed(2)
-    net, ref = pair(self_connections)
+    net, ref = pair()
     net.train()
     x = torch.randint(0, 2, (5, 9, 1)).float()
     h0 = 0.1 * torch.rand(5, SMALL["n"])
@@ -143,5 +128,4 @@ def test_model_train_step(self_connections):
     for name, p in net.named_parameters():
         assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, name
     w = net.get_parameter("leakytaurnn.w_rec")
-    if not self_connections:
-        assert torch.all(w.grad.diagonal() == 0), "self-connections carry no gradient"
+    assert torch.all(w.grad.diagonal() == 0), "self-connections carry no gradient"
