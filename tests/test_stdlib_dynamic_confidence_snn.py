@@ -15,8 +15,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from routec.dsl import RouteError
-
 SMALL = dict(width=4, classes=3, size=8, steps=6)
 
 
@@ -160,16 +158,9 @@ def pair(temperature: float, threshold: float, seed: int):
     return net, ref
 
 
-RESHAPE = "compiler lacks `reshape` with a symbolic batch size (`reshape(B, T, c, h, w)` in TimeConv)"
-LAST_EXIT = ("and in eval, samples that leave at the last exit crash ExitFinal (it writes the last head's rows "
-             "into the already-compacted survivor set)")
-pytestmark_compiler = pytest.mark.xfail(strict=True, raises=RouteError, reason=RESHAPE)
-pytestmark_last_exit = pytest.mark.xfail(strict=True, raises=(RouteError, RuntimeError),
-                                         reason=f"{RESHAPE} {LAST_EXIT}")
 
 # the demo's temperature and threshold; then settings where samples halt early (the second also at the last step)
-CONFIGS = [pytest.param(30.0, 0.6, 0, marks=pytestmark_compiler), pytest.param(2.0, 0.5, 1, marks=pytestmark_compiler),
-           pytest.param(2.0, 0.6, 1, marks=pytestmark_last_exit)]
+CONFIGS = [(30.0, 0.6, 0), (2.0, 0.5, 1), (2.0, 0.6, 1)]
 
 
 @pytest.mark.parametrize("temperature, threshold, seed", CONFIGS)
@@ -184,7 +175,6 @@ def test_model_matches_reference_in_eval(temperature, threshold, seed):
     torch.testing.assert_close(got.out, want, rtol=1e-5, atol=1e-6)
 
 
-@pytestmark_last_exit
 def test_exit_steps_vary_per_sample():
     """The early-exit setting really halts different samples at different steps (so the check above is
     not vacuous)."""
@@ -197,7 +187,6 @@ def test_exit_steps_vary_per_sample():
     assert max(steps) == SMALL["steps"] - 1, "some sample runs every step"
 
 
-@pytestmark_compiler
 def test_model_train_step():
     """Training mode returns every step's accumulated output. The spike has no surrogate gradient (the SNN is
     converted, not trained), so only the classifier and the last IF layer's θ (which scales the spikes the
