@@ -8,7 +8,8 @@ The stages, in order:
    formatter, newlines cleaned up as `grammar.lark` describes.
 4. `_parse_tokens` — the LALR parser fed token by token; a syntax error is recorded (R010, R011) and
    the parser resynchronises at the next statement, so one run reports many errors.
-5. `_check_depth` then `_ToAst` — a non-recursive transform into frozen AST nodes (R015–R019).
+5. `_check_depth` then `_ToAst` — a non-recursive transform into frozen AST nodes (R015–R019);
+   `_check_names` — names declared twice (R020–R023).
 
 Limits keep every input bounded: files up to `MAX_SOURCE_BYTES`, brackets nested `MAX_NESTING` deep,
 syntax trees `MAX_TREE_DEPTH` deep, and at most `MAX_ERRORS` diagnostics.
@@ -983,6 +984,33 @@ class _ToAst(Transformer_NonRecursive):
         return "".join(out)
 
 
+def _check_names(module: ast.Module, diags: Diagnostics) -> None:
+    """Names that must be unique where they are declared: definitions in a file, names brought in by
+    `use`, parameters of a definition, branches of a `paths` or `route` (R020–R023)."""
+
+    def unique(items: Iterable[tuple[str, Span]], code: str, message: str) -> None:
+        first: dict[str, Span] = {}
+        for name, span in items:
+            if name in first:
+                diags.error(code, message.format(name=name), span,
+                            notes=[(f"`{name}` first declared here", first[name])])
+            else:
+                first[name] = span
+
+    unique(((d.name, d.span) for d in module.definitions), "R022", "`{name}` is defined twice in this file")
+    imported = [(n.alias or n.name, n.span) for u in module.uses for n in (u.names or ())]
+    unique(imported, "R023", "`{name}` is imported twice")
+    for d in module.definitions:
+        unique(((p.name, p.span) for p in d.params), "R020", f"parameter `{{name}}` of `{d.name}` is declared twice")
+        for node in ast.walk(d):
+            if isinstance(node, ast.Paths):
+                unique(((b.name, b.span) for b in node.branches), "R021",
+                       f"branch `{{name}}` of `paths {node.name}` is declared twice")
+            elif isinstance(node, ast.RouteBranches):
+                unique(((b.name, b.span) for b in node.branches), "R021",
+                       "branch `{name}` of this `route` is declared twice")
+
+
 def _fallback(diags: Diagnostics, filename: str) -> NoReturn:
     """Raise what was recorded; a stage that gives up always records why, but never fail silently."""
     if not diags.errors:
@@ -1023,6 +1051,7 @@ def parse(source: Union[str, bytes], filename: str = "<string>") -> ast.Module:
     if not _check_depth(tree, filename, diags):
         diags.raise_if_any()
     module = _ToAst(filename, diags).transform(tree)
+    _check_names(module, diags)
     diags.raise_if_any()
     return module.model_copy(update={"comments": tuple(comments), "doc": doc})
 
