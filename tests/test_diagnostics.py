@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -166,3 +167,13 @@ def test_collector_for_other_stages():
 def test_route_error_needs_a_diagnostic():
     with pytest.raises(ValueError):
         RouteError([])
+
+
+def test_every_syntax_code_has_a_golden_case():
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "language.md").read_text(encoding="utf-8")
+    documented = set(re.findall(r"^\| (R0\d\d) \|", doc, re.M))
+    shown = set()
+    for expected in SYNTAX.glob("*.expected"):
+        shown |= set(re.findall(r"error\[(R0\d\d)\]", expected.read_text(encoding="utf-8")))
+    # R000 (unreadable) and R004 (too large) need files outside the repository: test_read_source_problems.
+    assert documented - shown == {"R000", "R004"}
