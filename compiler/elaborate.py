@@ -48,6 +48,7 @@ COMBINE_MODES = ("sum", "mean", "max", "concat")
 EXIT_RULES = ("confidence", "entropy")
 INITIALISERS = ("zeros", "ones", "normal", "uniform", "constant", "xavier", "kaiming", "arange", "linspace",
                 "s4d_real")
+MAX_REPEAT = 10_000  # `repeat` is unrolled at compile time
 DTYPES = {"float": torch.float32, "long": torch.int64, "int": torch.int64, "bool": torch.bool}
 
 _BINARY: dict[str, Callable[[Any, Any], Any]] = {
@@ -140,6 +141,7 @@ class Elaborator:
         self.file_scopes: dict[str, Scope] = {}
         self.live_owners: list[tuple[Scope, str]] = []
         self.stats: list[tuple[str, str, fx.Node]] = []  # (kind, name, node) routing statistics
+        self.expanding: list[ast.Definition] = []  # the blocks being expanded, outermost first
 
     # ------------------------------------------------------------------ errors
 
@@ -456,6 +458,8 @@ class Elaborator:
         pos = 0
         for sub in e.indices:
             if isinstance(sub, ast.EllipsisIndex):
+                if Ellipsis in items:
+                    self.error("R107", "an index can have only one `...`", sub.span)
                 rest = len(e.indices) - 1 - e.indices.index(sub)
                 keep = len(dims) - pos - rest
                 shape += dims[pos: pos + keep]
@@ -536,6 +540,11 @@ class Elaborator:
             defn: LayerDef = callee.defn  # type: ignore[assignment]
             bound, errors = bind_args(defn, args, kwargs)
             if errors:
+                dims = [v.name for v in list(args) + list(kwargs.values()) if isinstance(v, Dim)]
+                if dims:
+                    self.error("R110", f"`{callee.name}` needs sizes known before the model runs, but `{dims[0]}` "
+                               "is a dimension of an input, known only at run time", e.span,
+                               help="pass the size as a parameter of the model or block")
                 self.error("R110", errors[0], e.span)
             existing = self.lookup_module(path)
             if existing is None:
@@ -748,12 +757,18 @@ class Elaborator:
                        f"got {len(args)}", span)
         for decl, value in zip(ins, args):
             self.bind_input(decl, value, scope, span, d.name)
+        if any(e is d for e in self.expanding):
+            chain = " → ".join(e.name for e in self.expanding[[id(e) for e in self.expanding].index(id(d)):])
+            self.error("R128", f"`{d.name}` uses itself ({chain} → {d.name}): blocks are expanded at compile "
+                       "time, so they cannot be recursive", span, help="use `repeat` for a fixed depth")
         saved = self.stmt_span, self.stmt_text
         before = len(self.diags.errors)
         first_new = len(self.diags.items)
+        self.expanding.append(d)
         try:
             outs = self.run_body(d.body, scope, block=True)
         finally:
+            self.expanding.pop()
             self.stmt_span, self.stmt_text = saved
             self.note_expansion(first_new, d.name, span)
         if not outs:
@@ -839,8 +854,8 @@ class Elaborator:
             return [t.id for t in stmt.targets]
         if isinstance(stmt, (ast.Let, ast.Gate, ast.Paths, ast.Exit, ast.Emit, ast.ParamDecl, ast.InDecl)):
             return [stmt.name]
-        if isinstance(stmt, ast.Scan):
-            return list(stmt.states)
+        if isinstance(stmt, ast.Scan):  # the states and everything the body emits
+            return list(stmt.states) + [n.name for n in ast.walk(stmt) if isinstance(n, ast.Emit)]
         return []
 
     def statement(self, stmt: Any, scope: Scope) -> Any:
@@ -966,6 +981,8 @@ class Elaborator:
         count = self.static(s.count, scope, "a `repeat` count")
         if not isinstance(count, int) or isinstance(count, bool) or count < 0:
             self.error("R127", f"`repeat` needs a count ≥ 0, got {describe(count)}", s.count.span)
+        if count > MAX_REPEAT:
+            self.error("R127", f"`repeat` unrolls at most {MAX_REPEAT} times, got {count}", s.count.span)
         container = "layers" if scope.repeats == 0 else f"layers_{scope.repeats}"
         scope.repeats += 1
         outer_prefix, outer_anon = scope.prefix, scope.anon
@@ -1010,7 +1027,7 @@ class Elaborator:
             if not isinstance(k, int) or k < 1:
                 self.error("R132", f"`topk` needs k ≥ 1, got {describe(k)}", kind_expr.span)
             if isinstance(choices, int) and k > choices:
-                self.error("R132", f"`topk(k={k})` needs at least {k} experts, got {choices}", s.span)
+                self.error("R132", f"`topk(k={k})` needs at least {k} experts, got {choices}", kind_expr.span)
             unknown = set(kwargs) - {"k", "noisy", "normalize", "capacity", "aux"}
             if unknown:
                 self.error("R132", f"`topk` has no option `{sorted(unknown)[0]}` (options: noisy, normalize, "
@@ -1323,6 +1340,9 @@ class Elaborator:
         node = self.call_module(path, tuple(values), kwargs)
         shape = values[0].shape
         if mode == "concat":
+            if not isinstance(dim, int) or isinstance(dim, bool) or not -len(shape) <= dim < len(shape):
+                self.error("R144", f"`concat({render_value(dim)})`: the paths are {render_shape(shape)}, "
+                           f"so the dimension must be an int from {-len(shape)} to {len(shape) - 1}", s.combine.span)
             d = dim % len(shape)
             total = [v.shape[d] for v in values]
             size = sum(total) if all(isinstance(t, int) for t in total) else "?"

@@ -252,7 +252,7 @@ SEMANTIC_ERRORS = [
      "m.route:5:9: error[R144]: paths of `combine sum` must have equal shapes, got [B, T, 8] and [B, T, 6]"),
     ("model M(d: int = 4) {\n    in x: [B, T, d]\n    gate g = topk(4) of Linear(d, 3)(x)\n"
      "    out route x by g to experts { Linear(d, 8) -> gelu -> Linear(8, d) }\n}\n",
-     "m.route:3:5: error[R132]: `topk(k=4)` needs at least 4 experts, got 3"),
+     "m.route:3:14: error[R132]: `topk(k=4)` needs at least 4 experts, got 3"),
     ("model M(d: int = 4) {\n    in x: [B, T, d]\n    exit e = x -> Linear(d, 3) when confidence(e) >= 0.5\n"
      "    out x\n}\n",
      "m.route:3:14: error[R150]: `exit` head must produce [B, C] logits, got [B, T, 3]"),
