@@ -6,6 +6,7 @@ The stage functions here are the ones `compiler/pipeline.py` lists.
 from __future__ import annotations
 
 import difflib
+import keyword
 import operator
 from pathlib import Path
 from typing import Any, Optional
@@ -146,8 +147,20 @@ def elaborate(filename: str, text: str, params: dict[str, Any], model: Optional[
     if scope is not None:
         build_graph(el, d, scope)
     if diags.errors:
-        raise RouteError(diags.items, sources)
+        raise RouteError(unique(diags.items), sources)
     return finish(el, d)
+
+
+def unique(items: list) -> list:
+    """The diagnostics without repeats (a `repeat` elaborates its body, and its mistakes, once per iteration)."""
+    seen: set[str] = set()
+    out = []
+    for diag in items:
+        key = diag.model_dump_json()
+        if key not in seen:
+            seen.add(key)
+            out.append(diag)
+    return out
 
 
 def bind_model_params(el: Elaborator, d: ast.Definition, params: dict[str, Any]) -> Optional[Scope]:
@@ -169,9 +182,9 @@ def bind_model_params(el: Elaborator, d: ast.Definition, params: dict[str, Any])
             else:
                 el.error("R109", f"model `{d.name}` needs a value for parameter `{p.name}`", p.span)
             scope.names[p.name] = el.check_param_type(d, p, value, p.span)
-        except Abort:
-            return None
-    return scope
+        except Abort:  # report every bad parameter; defaults that read this one stay quiet
+            scope.names[p.name] = POISON
+    return None if el.diags.errors else scope
 
 
 def coerce_param(el: Elaborator, d: ast.Definition, p: ast.Param, value: Any) -> Any:
@@ -204,14 +217,20 @@ def build_graph(el: Elaborator, d: ast.Definition, scope: Scope) -> None:
         if not isinstance(stmt, ast.InDecl):
             continue
         el.stmt_span, el.stmt_text = stmt.span, el.source_line(stmt.span)
+        if any(name == stmt.name for name, _, _ in inputs):
+            el.diags.error("R119", f"`in {stmt.name}` is declared twice", stmt.span)
+            continue
         try:
             dims = tuple(el.dim_text(el.eval_dim(x, scope)) for x in stmt.shape)
         except Abort:
+            scope.names[stmt.name] = POISON  # reported once: its uses stay quiet
             continue
         if stmt.dtype is not None and stmt.dtype not in ("float", "long", "int", "bool"):
             el.diags.error("R118", f"unknown input dtype `{stmt.dtype}` (float, long, bool)", stmt.span)
+            scope.names[stmt.name] = POISON
             continue
-        node = el._tag(graph.placeholder(stmt.name))
+        # the generated forward takes the inputs as arguments: a Python keyword gets a trailing `_`
+        node = el._tag(graph.placeholder(f"{stmt.name}_" if keyword.iskeyword(stmt.name) else stmt.name))
         for axis, dim in enumerate(dims):
             if isinstance(dim, str) and dim not in el.ctx.dim_sources:
                 el.ctx.dim_sources[dim] = (node, axis)
@@ -270,6 +289,7 @@ def finish(el: Elaborator, d: ast.Definition) -> RoutedModule:
         else:
             names.append(name or ("out" if "out" not in names else f"out_{i}"))
             nodes.append(value.node)
+    check_out_names(el, d, names, bool(exits), bool(el.aux_losses))
     aux = None
     if el.aux_losses:
         aux = el.aux_losses[0]
@@ -288,6 +308,24 @@ def finish(el: Elaborator, d: ast.Definition) -> RoutedModule:
     gm.graph.lint()
     stats = [(kind, name) for kind, name, _ in el.stats]
     return RoutedModule(gm, d.name, names, exit_names, aux is not None, el.inputs, stats, el.sources)
+
+
+def check_out_names(el: Elaborator, d: ast.Definition, names: list[str], has_exits: bool, has_aux: bool) -> None:
+    """Named outs become NamedTuple fields: unique, not a field routec adds, not a keyword or `_name`."""
+    seen: set[str] = set()
+    for name in names:
+        span = next((s.span for s in reversed(list(ast.walk(d))) if isinstance(s, ast.Out) and s.name == name), d.span)
+        if name in seen:
+            el.diags.error("R117", f"the output `{name}` is declared twice", span)
+        elif (name == "exits" and has_exits) or (name == "aux_loss" and has_aux):
+            el.diags.error("R117", f"`out {name}` clashes with the `{name}` output routec adds to `{d.name}`", span,
+                           help="rename the output")
+        elif keyword.iskeyword(name) or name.startswith("_"):
+            el.diags.error("R117", f"`{name}` cannot name an output (outputs are NamedTuple fields: no Python "
+                           "keyword, no leading `_`)", span)
+        seen.add(name)
+    if el.diags.errors:
+        raise RouteError(unique(el.diags.items), el.sources)
 
 
 def _final(position: int):
