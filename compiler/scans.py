@@ -63,6 +63,12 @@ class ScanFrame:
         return self.seqs[key][1]
 
 
+def assignment_span(s: ast.Scan, name: str) -> Any:
+    """Where the body last assigns the state `name` (the scan statement when it never does)."""
+    spans = [n.span for n in ast.walk(s) if isinstance(n, ast.Assign) and any(t.id == name for t in n.targets)]
+    return spans[-1] if spans else s.span
+
+
 def lower_scan(el: Elaborator, s: ast.Scan, scope: Scope) -> None:
     over = el.eval(s.over, scope)
     if over is POISON:
@@ -364,11 +370,12 @@ def step_loop(el: Elaborator, s: ast.Scan, scope: Scope, seq: Tensor, inits: lis
         for name, st in zip(s.states, states):
             value = sub.names.get(name)
             if not isinstance(value, Tensor):
-                el.error("R166", f"scan state `{name}` must stay a tensor, got {el.describe(value)}", s.span)
+                el.error("R166", f"scan state `{name}` must stay a tensor, got {el.describe(value)}",
+                         assignment_span(s, name))
             if len(value.shape) != len(st.shape) or any(
                     isinstance(a, int) and isinstance(b, int) and a != b for a, b in zip(value.shape, st.shape)):
                 el.error("R166", f"scan state `{name}` is {render_shape(st.shape)} but the body assigns "
-                         f"{render_shape(value.shape)}", s.span)
+                         f"{render_shape(value.shape)}", assignment_span(s, name))
             new_states.append(value)
         emits = sub.names["__emits__"]
         extra = (frame.exit[1].node, frame.exit[2].node) if frame.exit is not None else ()

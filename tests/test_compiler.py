@@ -258,7 +258,7 @@ SEMANTIC_ERRORS = [
      "m.route:3:14: error[R150]: `exit` head must produce [B, C] logits, got [B, T, 3]"),
     ("model M(d: int = 4) {\n    in x: [B, T, d]\n    scan h over x.T init zeros([B, 8]) {\n"
      "        h = x.t -> Linear(d, 4)\n    }\n    out h\n}\n",
-     "m.route:3:5: error[R166]: scan state `h` is [B, 8] but the body assigns [B, 4]"),
+     "m.route:4:9: error[R166]: scan state `h` is [B, 8] but the body assigns [B, 4]"),
     ("model M(d: int = 4) {\n    in x: [B, T, d]\n    out x -> Linear(8, 2)\n}\n",
      "m.route:3:14: error[R121]: `Linear(8, …)` expects the last dimension to be 8, got [B, T, 4]"),
     ("model M(d: int = 4) {\n    in x: [B, T, d]\n    out x -> Linear(d, 2, bais=false)\n}\n",
