@@ -14,9 +14,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from routec.codegen import ops
+from . import ops
+from .ctor import recorded
 
 
+@recorded
 class MambaMixer(nn.Module):
     """x [B, L, d] → [B, L, d]:
 

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import ops
+from .ctor import recorded
 
 __all__ = [
     "TopKGate", "SoftGate", "HardGate", "Experts", "BranchRoute", "PathCombine", "ExitPoint", "ExitFinal",
@@ -43,6 +44,7 @@ def token_unshuffle(y: Tensor, perm: Tensor, dim: int = 1) -> Tensor:
     return y.index_select(dim, torch.argsort(perm))
 
 
+@recorded
 class TopKGate(nn.Module):
     """Top-k routing over `experts` choices from scores [..., E].
 
@@ -73,6 +75,7 @@ class TopKGate(nn.Module):
         return r.weights.reshape(*lead, self.k), r.indices.reshape(*lead, self.k), r.aux_loss
 
 
+@recorded
 class SoftGate(nn.Module):
     """Dense gate weights over the last dim: softmax(scores / temperature), or sigmoid per choice."""
 
@@ -86,6 +89,7 @@ class SoftGate(nn.Module):
         return torch.softmax(scores / self.temperature, dim=-1)
 
 
+@recorded
 class HardGate(nn.Module):
     """Hard decisions with straight-through gradients.
 
@@ -118,6 +122,7 @@ class HardGate(nn.Module):
         return hard + soft - soft.detach()
 
 
+@recorded
 class Experts(nn.Module):
     """E copies of `Linear(d, h) -> act -> Linear(h, d)` stored stacked, run by the `moe_ffn` op.
 
@@ -168,21 +173,26 @@ class Experts(nn.Module):
         return y
 
 
+@recorded
 class BranchRoute(nn.Module):
     """Send each row to the branches its gate chose, run only those rows, and combine weighted.
 
-    `weights` [N, k] and `indices` [N, k] (or a one-hot/dense [N, P] mask when `dense`); branch p runs on the
-    rows that chose it (gathered, run, scattered back: pre-gate semantics, no masked-away compute).
+    `weights` [..., k] and `indices` [..., k]; branch p runs on the rows that chose it (gathered, run,
+    scattered back: pre-gate semantics, no masked-away compute). Modes: "rows" (token rows of all samples
+    together, for row-wise branches), "tokens" (each sample's chosen tokens as one sequence, for branches
+    that mix tokens such as attention), "samples" (a per-sample gate sends whole samples).
     """
 
-    def __init__(self, branches: list[nn.Module], per_sample: bool = False):
+    def __init__(self, branches: list[nn.Module], mode: str = "rows"):
         super().__init__()
         self.branches = nn.ModuleList(branches)
-        self.per_sample = per_sample
+        self.mode = mode
 
     def forward(self, x: Tensor, weights: Tensor, indices: Tensor) -> Tensor:
-        if self.per_sample:  # whole samples [B, ...] go to a branch
+        if self.mode == "samples":  # whole samples [B, ...] go to a branch
             return self._route(x, weights, indices)
+        if self.mode == "tokens":  # each sample's chosen tokens form one sequence for a token-mixing branch
+            return self._route_tokens(x, weights, indices)
         lead = x.shape[:-1]
         out = self._route(x.reshape(-1, x.shape[-1]), weights, indices)
         return out.reshape(*lead, out.shape[-1])
@@ -203,7 +213,24 @@ class BranchRoute(nn.Module):
         assert out is not None
         return out
 
+    def _route_tokens(self, x: Tensor, weights: Tensor, indices: Tensor) -> Tensor:
+        out: Optional[Tensor] = None
+        for p, branch in enumerate(self.branches):
+            hit = indices == p  # [B, N, k]
+            wp = (weights * hit.to(weights.dtype)).sum(-1)  # [B, N]
+            chosen = hit.any(-1)
+            for b in range(x.shape[0]):
+                rows = chosen[b].nonzero().squeeze(-1)
+                yb = branch(x[b].index_select(0, rows).unsqueeze(0)).squeeze(0)
+                yb = yb * wp[b].index_select(0, rows).unsqueeze(-1)
+                if out is None:
+                    out = x.new_zeros(*x.shape[:-1], yb.shape[-1], dtype=yb.dtype)
+                out = out.index_put((torch.full_like(rows, b), rows), yb, accumulate=True)
+        assert out is not None
+        return out
 
+
+@recorded
 class PathCombine(nn.Module):
     """The aggregator of `paths`: sum, mean, max, concat(dim) or a weighted sum by gate weights.
 
@@ -242,6 +269,7 @@ class PathCombine(nn.Module):
         return ops.gated_combine(stacked, weights)
 
 
+@recorded
 class ExitPoint(nn.Module):
     """An exit in the batch: decides which samples leave and, in eval mode, removes them from the batch.
 
@@ -268,6 +296,7 @@ class ExitPoint(nn.Module):
         return (out, index, alive[stay], logits[stay], *(t[stay] for t in live))
 
 
+@recorded
 class ExitFinal(nn.Module):
     """After the last layer: in eval mode the survivors take the final output and exit index `position`."""
 
@@ -283,6 +312,7 @@ class ExitFinal(nn.Module):
         return out, index
 
 
+@recorded
 class ScanLoop(nn.Module):
     """A general recurrence: runs the step graph over the scanned axis one step at a time.
 

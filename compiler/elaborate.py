@@ -23,6 +23,17 @@ import torch.fx as fx
 from torch import nn
 
 from ..codegen import ops, runtime
+from ..codegen.functions import (
+    arange_like as _arange_like,
+    dense_from_topk as _dense_from_topk,
+    exit_buffer as _exit_buffer,
+    exit_index as _exit_index,
+    eye_like as _eye_like,
+    ones_batch as _ones_batch,
+    ones_for as _ones_for,
+    route_table_like as _route_table,
+    softmax_last as _softmax_last,
+)
 from ..dsl import ast
 from ..dsl.diagnostics import Diagnostics, Note, RouteError, Span
 from .layers import FUNCS, LAYERS, FuncDef, LayerDef, bind_args, render_shape, render_value
@@ -1163,22 +1174,27 @@ class Elaborator:
                        e.span)
         # Each branch is elaborated as its own small graph so that BranchRoute can run it on the rows
         # that chose it (pre-gate: the other rows are never computed).
-        modules = []
-        shapes = []
         per_sample = len(gate.weights.shape) < len(x.shape)  # a gate per sample routes whole samples
-        row_shape = ("N",) + (tuple(x.shape[1:]) if per_sample else tuple(x.shape[-1:]))
-        for br in target.branches:
-            gm, shape = self.subgraph(lambda sc, br=br: self.eval(br.value, sc), x, row_shape,
-                                      join(scope.prefix, br.name), scope, br.value.span)
-            modules.append(gm)
-            shapes.append(shape)
+        mode = "samples" if per_sample else "rows"
+        built = None
+        if not per_sample:
+            built = self.route_subgraphs(target, x, ("N",) + tuple(x.shape[-1:]), scope, probe=len(x.shape) > 2)
+            if built is not None and len(x.shape) > 2 and not all(_row_wise(gm) for gm in built[0]):
+                built = None  # a branch mixes tokens (attention, convolution): route token sets per sample
+            if built is None:
+                mode = "tokens"
+        if built is None:
+            shape = ("N",) + tuple(x.shape[1:]) if per_sample else (1, "L") + tuple(x.shape[2:])
+            built = self.route_subgraphs(target, x, shape, scope, probe=False)
+        assert built is not None
+        modules, shapes = built
         for br, shp in zip(target.branches[1:], shapes[1:]):
             if tuple(shp[-1:]) != tuple(shapes[0][-1:]):
                 self.error("R121", f"route branches must produce equal widths, got "
                            f"{render_shape(shapes[0])} and {render_shape(shp)}", br.span)
         path = join(scope.prefix, f"route_{gate.name}")
         if self.lookup_module(path) is None:
-            self.register(path, runtime.BranchRoute(modules, per_sample=per_sample))
+            self.register(path, runtime.BranchRoute(modules, mode=mode))
         if gate.indices is not None:
             w, idx = gate.weights, gate.indices
         else:  # a one-hot or dense gate: the chosen branch is the argmax, weighted by its (STE) value
@@ -1189,6 +1205,25 @@ class Elaborator:
         if per_sample:
             return Tensor(node, x.shape[:1] + tuple(shapes[0][1:]))
         return Tensor(node, x.shape[:-1] + tuple(shapes[0][-1:]))
+
+    def route_subgraphs(self, target: ast.RouteBranches, x: Tensor, row_shape: tuple, scope: Scope,
+                        probe: bool) -> Optional[tuple[list, list]]:
+        """One graph per branch on inputs of `row_shape`. With `probe`, a branch that does not accept
+        token rows gives None (its diagnostics are dropped) instead of an error."""
+        mark = len(self.diags.items)
+        modules, shapes = [], []
+        for br in target.branches:
+            try:
+                gm, shape = self.subgraph(lambda sc, br=br: self.eval(br.value, sc), x, row_shape,
+                                          join(scope.prefix, br.name), scope, br.value.span)
+            except Abort:
+                if not probe:
+                    raise
+                del self.diags.items[mark:]
+                return None
+            modules.append(gm)
+            shapes.append(shape)
+        return modules, shapes
 
     def subgraph(self, build: Callable[[Scope], Any], x: Tensor, row_shape: tuple, prefix: str, scope: Scope,
                  span: Span) -> tuple[fx.GraphModule, tuple]:
@@ -1510,41 +1545,19 @@ class _FakeCall:
     span: Span
 
 
-def _eye_like(n: int, like: torch.Tensor) -> torch.Tensor:
-    return torch.eye(n, dtype=like.dtype if like.is_floating_point() else torch.float32, device=like.device)
+ROW_WISE_MODULES = {"Linear", "LayerNorm", "RMSNorm", "MLP", "GELU", "SiLU", "ReLU", "Tanh", "Sigmoid",
+                    "Dropout", "Identity", "Experts"}
+ROW_WISE_FUNCTIONS = {"add", "sub", "mul", "truediv", "neg", "gelu", "silu", "relu", "tanh", "sigmoid",
+                      "softplus", "exp", "log", "abs", "identity", "detach"}
 
 
-def _route_table(kind: str, h: int, w: int, like: torch.Tensor) -> torch.Tensor:
-    from ..codegen.multiscan import route_table
-
-    return route_table(kind, h * w, h, w).to(like.device)
-
-
-def _ones_for(idx: torch.Tensor) -> torch.Tensor:
-    return torch.ones(idx.shape, dtype=torch.float32, device=idx.device)
-
-
-def _ones_batch(*sizes: int, like: torch.Tensor) -> torch.Tensor:
-    return torch.ones(sizes, dtype=like.dtype, device=like.device)
-
-
-def _softmax_last(x: torch.Tensor) -> torch.Tensor:
-    return torch.softmax(x, dim=-1)
-
-
-def _dense_from_topk(weights: torch.Tensor, indices: torch.Tensor, n: int) -> torch.Tensor:
-    """Top-k weights [..., k] at indices [..., k] as dense weights [..., n] (zero where not chosen)."""
-    return torch.zeros(*weights.shape[:-1], n, dtype=weights.dtype, device=weights.device).scatter_add(
-        -1, indices, weights)
-
-
-def _exit_buffer(head: torch.Tensor, n: int) -> torch.Tensor:
-    return head.new_zeros(n, head.shape[1])
-
-
-def _exit_index(head: torch.Tensor, n: int) -> torch.Tensor:
-    return torch.full((n,), -1, dtype=torch.int64, device=head.device)
-
-
-def _arange_like(head: torch.Tensor, n: int) -> torch.Tensor:
-    return torch.arange(n, device=head.device)
+def _row_wise(gm: fx.GraphModule) -> bool:
+    """Whether a branch treats every row on its own (so token rows of different samples can be batched)."""
+    for node in gm.graph.nodes:
+        if node.op == "call_module" and type(gm.get_submodule(node.target)).__name__ not in ROW_WISE_MODULES:
+            return False
+        if node.op == "call_function" and getattr(node.target, "__name__", "") not in ROW_WISE_FUNCTIONS:
+            return False
+        if node.op == "call_method":
+            return False
+    return True

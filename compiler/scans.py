@@ -21,6 +21,9 @@ import torch
 import torch.fx as fx
 
 from ..codegen import ops, runtime
+from ..codegen.functions import expand_steps as _expand
+from ..codegen.functions import full_like_last as _full_like_last
+from ..codegen.functions import per_neuron as _per_neuron
 from ..dsl import ast
 from .elaborate import POISON, Abort, Elaborator, GraphContext, Scope, SeqAxis, join
 from .layers import render_shape
@@ -247,14 +250,6 @@ def broadcast_to(el: Elaborator, v: Any, shape: tuple, e: ast.Expr) -> Tensor:
     return Tensor(el.call_function(_expand, (v, sizes)), shape)
 
 
-def _expand(v: Any, sizes: list) -> torch.Tensor:
-    if not isinstance(v, torch.Tensor):
-        return torch.full(sizes, float(v))
-    if v.dim() == len(sizes) - 1:  # a per-step value [B, n] is the same at every step
-        v = v.unsqueeze(1)
-    return v.expand(*sizes)
-
-
 def match_linear(e: ast.Expr, h: str) -> Optional[tuple[ast.Expr, ast.Expr]]:
     """`a * h + b`, `h * a + b`, `b + a * h`, `b + h * a` with a, b free of h."""
     if not (isinstance(e, ast.BinOp) and e.op == "+"):
@@ -336,14 +331,6 @@ def lower_leaky(el: Elaborator, scope: Scope, seq: Tensor, h0: Tensor, prefix: s
         el.error("R165", f"`tau` must be a number or a tensor [{n}], got {el.describe(tau)}", tau_expr.span)
     tau_n = Tensor(el.call_function(_per_neuron, (tau, n)), (n,))
     return el.call_function(ops.leaky_rnn_scan, (u_t, weight, tau_n, h0), {"activation": act})
-
-
-def _full_like_last(u: torch.Tensor, value: float) -> torch.Tensor:
-    return torch.full((u.shape[-1],), value, dtype=u.dtype, device=u.device)
-
-
-def _per_neuron(tau: torch.Tensor, n: int) -> torch.Tensor:
-    return tau.expand(n) if tau.dim() == 0 or tau.numel() == 1 else tau.reshape(n)
 
 
 def step_loop(el: Elaborator, s: ast.Scan, scope: Scope, seq: Tensor, inits: list[Tensor], reverse: bool,

@@ -398,3 +398,36 @@ def test_weight_tying_constants_and_symbolic_reshape():
     w = net.state_dict()["tok.weight"]
     torch.testing.assert_close(out.logits, w[ids] @ w.T)
     assert out.feats.shape == (2, 8)
+
+
+def test_token_routing_to_a_token_mixing_branch_runs_each_samples_tokens_as_one_sequence():
+    spec = """
+    model T(d: int = 8, heads: int = 2) {
+        in x: [B, N, d]
+        gate g = argmax of Linear(d, 2)(x)
+        out route x by g to {
+            skip: identity
+            attend: SelfAttention(d, heads)
+        }
+    }
+    """
+    torch.manual_seed(0)
+    net = compile_source(spec, "t.route").eval()
+    x = torch.randn(3, 5, 8)
+    sd = net.state_dict()
+    choice = (x @ sd["g.linear.weight"].T + sd["g.linear.bias"]).argmax(-1)
+    attend = torch.nn.MultiheadAttention(8, 2, batch_first=True)
+    w = torch.cat([sd["attend.selfattention.q.weight"], sd["attend.selfattention.k.weight"],
+                   sd["attend.selfattention.v.weight"]])
+    b = torch.cat([sd["attend.selfattention.q.bias"], sd["attend.selfattention.k.bias"],
+                   sd["attend.selfattention.v.bias"]])
+    attend.load_state_dict({"in_proj_weight": w, "in_proj_bias": b,
+                            "out_proj.weight": sd["attend.selfattention.o.weight"],
+                            "out_proj.bias": sd["attend.selfattention.o.bias"]})
+    want = x.clone()
+    for i in range(3):
+        sel = (choice[i] == 1).nonzero().squeeze(-1)
+        if sel.numel():
+            seq = x[i, sel][None]
+            want[i, sel] = attend(seq, seq, seq, need_weights=False)[0][0]
+    torch.testing.assert_close(net(x), want, rtol=1e-5, atol=1e-5)

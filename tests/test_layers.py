@@ -1,4 +1,4 @@
-"""compiler.layers and compiler.mamba: the layer/function registry, shape rules, messages, and the modules
+"""compiler.layers and codegen.layers/mamba: the layer/function registry, shape rules, messages, and the modules
 against independent hand-written formulas (loops, explicit softmax attention, the Mamba recurrence)."""
 
 import inspect
@@ -18,7 +18,7 @@ from routec.compiler.layers import (
     token_shuffle,
     token_unshuffle,
 )
-from routec.compiler.mamba import MambaMixer
+from routec.codegen.mamba import MambaMixer
 
 
 def _concrete(shape):

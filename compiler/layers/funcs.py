@@ -1,7 +1,7 @@
 """Parameter-free tensor functions (`FUNCS`) usable as pipe stages and calls: `x -> gelu -> mean(1)`.
 
-Each `FuncDef` pairs a plain PyTorch function (its Python defaults are the `Param` defaults) with a symbolic
-shape rule. `permute(1, random)` / `unpermute` in a spec are the compiler's: it draws the permutation with
+Each `FuncDef` pairs a named function of torch or `routec.codegen.functions` (its Python defaults are the
+`Param` defaults) with a symbolic shape rule. `permute(1, random)` / `unpermute` in a spec are the compiler's: it draws the permutation with
 `token_shuffle` (FuncDef `shuffle`) and undoes it with `token_unshuffle` (FuncDef `unpermute`).
 """
 
@@ -13,6 +13,8 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.nn.functional as F
 
+from ...codegen import functions
+from ...codegen.functions import concat, confidence, entropy, stack, token_shuffle, token_unshuffle
 from .registry import (
     UNKNOWN,
     VARIADIC,
@@ -28,59 +30,6 @@ from .registry import (
     render_value,
     total,
 )
-
-
-def token_shuffle(
-    x: torch.Tensor, dim: int = 1, generator: torch.Generator | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Reorder `x` along `dim` by one random permutation shared by the batch: y = x.index_select(dim, perm).
-    Returns (y, perm), perm a long tensor [x.shape[dim]] on x's device."""
-    perm = torch.randperm(x.shape[dim], generator=generator, device=x.device)
-    return x.index_select(dim, perm), perm
-
-
-def token_unshuffle(y: torch.Tensor, perm: torch.Tensor, dim: int = 1) -> torch.Tensor:
-    """Undo `token_shuffle`: returns x with x.index_select(dim, perm) == y."""
-    return y.index_select(dim, torch.argsort(perm))
-
-
-def _float(x: torch.Tensor) -> torch.Tensor:
-    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
-
-
-def confidence(logits: torch.Tensor, dim: int = -1) -> torch.Tensor:
-    """The largest softmax probability along `dim` (computed in at least fp32)."""
-    return torch.softmax(_float(logits), dim=dim).amax(dim=dim).to(logits.dtype)
-
-
-def entropy(logits: torch.Tensor, dim: int = -1) -> torch.Tensor:
-    """−Σ p log p of softmax(logits) along `dim`, in nats; classes with p = 0 (logit −inf) add 0."""
-    logp = torch.log_softmax(_float(logits), dim=dim)
-    p = logp.exp()
-    return -torch.where(p > 0, p * logp, torch.zeros_like(p)).sum(dim=dim).to(logits.dtype)
-
-
-def _tensors(items: Sequence[Any]) -> Sequence[torch.Tensor]:
-    """`concat` and `stack` take the items of a list: as separate arguments or as one list."""
-    return items[0] if len(items) == 1 and isinstance(items[0], (list, tuple)) else items
-
-
-def concat(*xs: torch.Tensor, dim: int = -1) -> torch.Tensor:
-    return torch.cat(list(_tensors(xs)), dim=dim)
-
-
-def stack(*xs: torch.Tensor, dim: int = 0) -> torch.Tensor:
-    return torch.stack(list(_tensors(xs)), dim=dim)
-
-
-def _filled(value: float) -> Callable[..., torch.Tensor]:
-    def make(*like: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
-        """A tensor of `value` with `shape`, on the device and dtype of the optional `like` tensor."""
-        if like:
-            return like[0].new_full(tuple(shape), value)
-        return torch.full(tuple(shape), value)
-
-    return make
 
 
 def _render_call(name: str, params: tuple[Param, ...], kw: dict) -> str:
@@ -374,42 +323,42 @@ FUNCS: dict[str, FuncDef] = {
         _pointwise("abs", torch.abs, "|x|"),
         _pointwise("softplus", F.softplus, "log(1 + exp(x))"),
         _pointwise("detach", torch.Tensor.detach, "the same values without gradient"),
-        _pointwise("identity", lambda x: x, "returns its input"),
-        _with_dim("softmax", DIM_LAST, lambda x, dim=-1: torch.softmax(x, dim), _keep, "softmax along dim"),
+        _pointwise("identity", functions.identity, "returns its input"),
+        _with_dim("softmax", DIM_LAST, functions.softmax, _keep, "softmax along dim"),
         _with_dim(
-            "log_softmax", DIM_LAST, lambda x, dim=-1: torch.log_softmax(x, dim), _keep, "log of softmax along dim"
+            "log_softmax", DIM_LAST, functions.log_softmax, _keep, "log of softmax along dim"
         ),
         _with_dim(
-            "mean", REDUCE_PARAMS, lambda x, dim, keepdim=False: x.mean(dim, keepdim), _reduced, "mean along dim"
+            "mean", REDUCE_PARAMS, functions.mean, _reduced, "mean along dim"
         ),
-        _with_dim("sum", REDUCE_PARAMS, lambda x, dim, keepdim=False: x.sum(dim, keepdim), _reduced, "sum along dim"),
+        _with_dim("sum", REDUCE_PARAMS, functions.sum_dim, _reduced, "sum along dim"),
         _with_dim(
             "max",
             REDUCE_PARAMS,
-            lambda x, dim, keepdim=False: x.max(dim, keepdim).values,
+            functions.max_dim,
             _reduced,
             "largest value along dim (values only)",
         ),
         _with_dim(
             "min",
             REDUCE_PARAMS,
-            lambda x, dim, keepdim=False: x.min(dim, keepdim).values,
+            functions.min_dim,
             _reduced,
             "smallest value along dim (values only)",
         ),
         _with_dim(
             "argmax",
             REDUCE_PARAMS,
-            lambda x, dim, keepdim=False: x.argmax(dim, keepdim),
+            functions.argmax,
             _reduced,
             "index of the largest value along dim (long)",
         ),
-        _with_dim("flip", DIM_REQUIRED, lambda x, dim: x.flip(dim), _keep, "reverses the order along dim"),
-        FuncDef("reshape", RESHAPE_PARAMS, lambda x, shape: x.reshape(shape), _reshape, "same elements, new shape"),
+        _with_dim("flip", DIM_REQUIRED, functions.flip, _keep, "reverses the order along dim"),
+        FuncDef("reshape", RESHAPE_PARAMS, functions.reshape, _reshape, "same elements, new shape"),
         FuncDef(
-            "transpose", TRANSPOSE_PARAMS, lambda x, a, b: x.transpose(a, b), _transpose, "swaps dimensions a and b"
+            "transpose", TRANSPOSE_PARAMS, functions.transpose, _transpose, "swaps dimensions a and b"
         ),
-        FuncDef("permute", PERMUTE_PARAMS, lambda x, dims: x.permute(dims), _permute, "reorders the dimensions"),
+        FuncDef("permute", PERMUTE_PARAMS, functions.permute, _permute, "reorders the dimensions"),
         _with_dim(
             "shuffle",
             DIM_1,
@@ -431,7 +380,7 @@ FUNCS: dict[str, FuncDef] = {
         FuncDef(
             "split",
             SPLIT_PARAMS,
-            lambda x, sizes, dim=-1: torch.split(x, sizes, dim),
+            functions.split,
             _split,
             "pieces along dim, of one size (the last may be shorter) or of the listed sizes",
             outputs=0,
@@ -439,7 +388,7 @@ FUNCS: dict[str, FuncDef] = {
         FuncDef(
             "chunk",
             CHUNK_PARAMS,
-            lambda x, n, dim=-1: torch.chunk(x, n, dim),
+            functions.chunk,
             _chunk,
             "n equal pieces along dim",
             outputs=0,
@@ -447,18 +396,18 @@ FUNCS: dict[str, FuncDef] = {
         FuncDef(
             "flatten",
             FLATTEN_PARAMS,
-            lambda x, start=0, end=-1: x.flatten(start, end),
+            functions.flatten,
             _flatten,
             "merges dimensions start … end",
         ),
         FuncDef(
-            "unsqueeze", DIM_REQUIRED, lambda x, dim: x.unsqueeze(dim), _unsqueeze, "inserts a dimension of size 1"
+            "unsqueeze", DIM_REQUIRED, functions.unsqueeze, _unsqueeze, "inserts a dimension of size 1"
         ),
-        _with_dim("squeeze", DIM_REQUIRED, lambda x, dim: x.squeeze(dim), _squeeze, "removes a dimension of size 1"),
+        _with_dim("squeeze", DIM_REQUIRED, functions.squeeze, _squeeze, "removes a dimension of size 1"),
         FuncDef(
             "zeros",
             SHAPE_PARAMS,
-            _filled(0.0),
+            functions.zeros,
             _filled_shape,
             "zeros of shape (on the device and dtype of an optional tensor input)",
             arity=1,
@@ -467,7 +416,7 @@ FUNCS: dict[str, FuncDef] = {
         FuncDef(
             "ones",
             SHAPE_PARAMS,
-            _filled(1.0),
+            functions.ones,
             _filled_shape,
             "ones of shape (on the device and dtype of an optional tensor input)",
             arity=1,
@@ -478,21 +427,21 @@ FUNCS: dict[str, FuncDef] = {
         _with_dim(
             "topk_values",
             TOPK_PARAMS,
-            lambda x, k, dim=-1: x.topk(k, dim).values,
+            functions.topk_values,
             _topk("topk_values"),
             "the k largest values along dim, largest first",
         ),
         _with_dim(
             "topk_indices",
             TOPK_PARAMS,
-            lambda x, k, dim=-1: x.topk(k, dim).indices,
+            functions.topk_indices,
             _topk("topk_indices"),
             "indices of the k largest values along dim, largest first",
         ),
         FuncDef(
             "gather",
             DIM_REQUIRED,
-            lambda x, index, dim: x.gather(dim, index),
+            functions.gather,
             _gather,
             "x.gather(dim, index): picks along dim by a long index of the same rank",
             arity=2,
@@ -500,14 +449,14 @@ FUNCS: dict[str, FuncDef] = {
         _with_dim(
             "narrow",
             (Param("dim", "int"), Param("start", "int"), Param("length", "int")),
-            lambda x, dim, start, length: x.narrow(dim, start, length),
+            functions.narrow,
             _narrow,
             "the slice start … start + length along dim",
         ),
         FuncDef(
             "one_hot",
             (Param("num", "int"),),
-            lambda ids, num: F.one_hot(ids, num),
+            functions.one_hot,
             _one_hot,
             "long ids [...] → one-hot [..., num] (long)",
         ),

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from ...codegen.ctor import construct
 from .registry import LayerDef, Param, Shape, ShapeResult, conv_length, render_shape
 
 
@@ -46,20 +47,20 @@ _POOL_PARAMS = (Param("kernel", "int"), Param("stride", "int", 0, "0: the kernel
 
 VISION_LAYERS = (
     LayerDef("BatchNorm2d", (Param("channels", "int"), Param("eps", "float", 1e-5), Param("momentum", "float", 0.1)),
-             lambda channels, eps, momentum: nn.BatchNorm2d(channels, eps=eps, momentum=momentum),
+             lambda channels, eps, momentum: construct(nn.BatchNorm2d, channels, eps=eps, momentum=momentum),
              _channels("BatchNorm2d", (4,), "[B, C, H, W]"),
              "batch normalisation over [B, C, H, W] (running statistics in eval)"),
     LayerDef("BatchNorm1d", (Param("channels", "int"), Param("eps", "float", 1e-5), Param("momentum", "float", 0.1)),
-             lambda channels, eps, momentum: nn.BatchNorm1d(channels, eps=eps, momentum=momentum),
+             lambda channels, eps, momentum: construct(nn.BatchNorm1d, channels, eps=eps, momentum=momentum),
              _channels("BatchNorm1d", (2, 3), "[B, C] or [B, C, L]"),
              "batch normalisation over [B, C] or [B, C, L]"),
     LayerDef("MaxPool2d", _POOL_PARAMS,
-             lambda kernel, stride, padding: nn.MaxPool2d(kernel, stride or kernel, padding),
+             lambda kernel, stride, padding: construct(nn.MaxPool2d, kernel, stride or kernel, padding),
              _pool("MaxPool2d"), "max pooling: [B, C, H, W] → [B, C, H', W']"),
     LayerDef("AvgPool2d", _POOL_PARAMS,
-             lambda kernel, stride, padding: nn.AvgPool2d(kernel, stride or kernel, padding),
+             lambda kernel, stride, padding: construct(nn.AvgPool2d, kernel, stride or kernel, padding),
              _pool("AvgPool2d"), "average pooling: [B, C, H, W] → [B, C, H', W']"),
     LayerDef("AdaptiveAvgPool2d", (Param("size", "int", 1),),
-             lambda size: nn.AdaptiveAvgPool2d(size), _adaptive,
+             lambda size: construct(nn.AdaptiveAvgPool2d, size), _adaptive,
              "average pooling to a fixed size: [B, C, H, W] → [B, C, size, size]"),
 )
