@@ -552,7 +552,8 @@ def _top_level(tokens: list[Token], i: int) -> bool:
 
 def _parse_tokens(tokens: list[Token], eof: Token, file: str, diags: Diagnostics) -> Optional[Tree]:
     """Feed the LALR parser; on a syntax error, record it, unwind to the enclosing statement (or
-    definition), feed `_ERR` in its place, skip to the end of that statement, and go on."""
+    definition), feed `_ERR` in its place, skip to the end of that statement, and go on. Returns the
+    tree (broken statements become `error_stmt` / `error_item`), or None when recovery gave up."""
     level = []  # brace depth before each token
     open_braces = 0
     for tok in tokens:
@@ -570,7 +571,7 @@ def _parse_tokens(tokens: list[Token], eof: Token, file: str, diags: Diagnostics
         try:
             if tok is eof:
                 result = interactive.feed_eof(eof)
-                return None if errors else result
+                return result  # with errors, statements that failed stand as error_stmt / error_item
             interactive.feed_token(tok)
             i += 1
             continue
