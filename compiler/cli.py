@@ -165,10 +165,13 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_compile(args: argparse.Namespace) -> int:
+    """`-o out.py` alone writes the standalone module (stage `emit`); `--dump-after STAGE` prints a stage
+    (to `-o` if given); with neither, the generated forward code is printed."""
     from .pipeline import dump
 
     net = build(args)
-    text = dump(net, args.dump_after or "code", spec_path(args.spec))
+    stage = args.dump_after or ("emit" if args.output else "code")
+    text = dump(net, stage, spec_path(args.spec), parse_params(args.param))
     if args.output:
         Path(args.output).write_text(text + "\n", encoding="utf-8")
         print(f"wrote {args.output}")
@@ -219,12 +222,12 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--train", action="store_true", help="also run a few optimizer steps on random targets")
     r.add_argument("--steps", type=int, default=5)
-    r.add_argument("--lr", type=float, default=1e-2)
+    r.add_argument("--lr", type=float, default=1e-3)
     r.set_defaults(func=cmd_run)
 
-    co = sub.add_parser("compile", help="print the generated forward code, or the result of a stage")
+    co = sub.add_parser("compile", help="write a standalone Python module (-o out.py), or print a stage")
     spec_args(co)
-    co.add_argument("-o", "--output", help="write to this file instead of stdout")
+    co.add_argument("-o", "--output", help="write the standalone module (or the --dump-after stage) to this file")
     co.add_argument("--dump-after", metavar="STAGE", help="print the result of a stage (see `routec compile "
                     "--dump-after list`)")
     co.set_defaults(func=cmd_compile)

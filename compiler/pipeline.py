@@ -7,6 +7,7 @@
 |           |                                  | and repeats expanded, modules built, fx graph emitted    |
 | fx        | `compiler.build.finish`          | the linted `torch.fx.GraphModule` (dead code removed)    |
 | code      | `GraphModule.code`               | the Python `forward` the graph runs                      |
+| emit      | `compiler.emit.emit_module`      | a standalone module rebuilding the network (`-o out.py`) |
 
 `routec compile SPEC --dump-after STAGE` prints a stage's result.
 """
@@ -14,15 +15,15 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 from ..dsl import parse, read_source
 
-STAGES = ("parse", "elaborate", "fx", "code")
+STAGES = ("parse", "elaborate", "fx", "code", "emit")
 
 
-def dump(net: Any, stage: str, path: Path) -> str:
-    """The printable result of `stage` for the compiled `net` built from `path`."""
+def dump(net: Any, stage: str, path: Path, params: Optional[dict] = None) -> str:
+    """The printable result of `stage` for the compiled `net` built from `path` (with `params`)."""
     if stage == "list":
         return "\n".join(STAGES)
     if stage == "parse":
@@ -34,4 +35,8 @@ def dump(net: Any, stage: str, path: Path) -> str:
         return str(net.graph)
     if stage == "code":
         return net.graph_module.code
+    if stage == "emit":
+        from .emit import emit_module
+
+        return emit_module(net, path, params)
     raise SystemExit(f"routec: unknown stage {stage!r}; stages: {', '.join(STAGES)}")
