@@ -8,6 +8,7 @@ from __future__ import annotations
 import difflib
 import keyword
 import operator
+import os
 from pathlib import Path
 from typing import Any, Optional
 
@@ -30,8 +31,9 @@ def load_files(filename: str, text: str) -> tuple[dict[str, ast.Module], dict[st
     stack: list[str] = []
 
     def visit(name: str, source: str, used_at: Optional[Span]) -> None:
-        if name in stack:
-            chain = " → ".join(Path(p).name for p in stack[stack.index(name):] + [name])
+        on_stack = [os.path.normpath(p) for p in stack]  # `lib/../a.route` is `a.route`
+        if os.path.normpath(name) in on_stack:
+            chain = " → ".join(Path(p).name for p in stack[on_stack.index(os.path.normpath(name)):] + [name])
             assert used_at is not None
             diags.error("R100", f"`use` cycle: {chain}", used_at)
             return
@@ -66,9 +68,10 @@ def load_files(filename: str, text: str) -> tuple[dict[str, ast.Module], dict[st
 
 def resolve_use(use: ast.Use, importer: str, diags: Diagnostics) -> Optional[str]:
     if use.path is not None:
-        candidate = (Path(importer).parent / use.path)
+        candidate = Path(os.path.normpath(Path(importer).parent / use.path))
         if not candidate.is_file():
-            diags.error("R100", f"`use` cannot find the file \"{use.path}\" (looked in {candidate.parent})", use.span)
+            diags.error("R100", f"`use` cannot find the file \"{use.path}\" (no file {candidate}; a path is "
+                        "relative to the file that uses it)", use.span)
             return None
         return str(candidate)
     assert use.module is not None
