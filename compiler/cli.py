@@ -144,15 +144,14 @@ def cmd_run(args: argparse.Namespace) -> int:
         net.train()
         opt = torch.optim.Adam(net.parameters(), lr=args.lr)
         first = None
-        target = None
+        targets: list = []
         for step in range(args.steps):
             out = net(*xs)
             main = out[0] if isinstance(out, tuple) else out
-            if target is None:
-                target = torch.randn_like(main)
-            loss = torch.nn.functional.mse_loss(main, target)
-            if hasattr(out, "exits"):
-                loss = loss + sum(torch.nn.functional.mse_loss(e, target) for e in out.exits)
+            predictions = [main] + list(getattr(out, "exits", ()))
+            if not targets:  # fixed random targets, one per output
+                targets = [torch.randn_like(p) for p in predictions]
+            loss = sum(torch.nn.functional.mse_loss(p, t) for p, t in zip(predictions, targets))
             if hasattr(out, "aux_loss"):
                 loss = loss + 0.01 * out.aux_loss
             opt.zero_grad()
