@@ -80,8 +80,12 @@ def cmd_list(args: argparse.Namespace) -> int:
         return 0
     width = max(len(n) for n in names)
     for name in names:
-        text = stdlib.path(name).read_text(encoding="utf-8")
-        title = next((line.lstrip("#").strip() for line in text.splitlines() if line.startswith("##")), "")
+        path = stdlib.path(name)
+        try:
+            doc = parse(read_source(path), str(path)).doc or ""
+        except RouteError:
+            doc = "(does not parse: run `routec check stdlib:" + name + "`)"
+        title = doc.strip().splitlines()[0] if doc.strip() else ""
         print(f"{name:<{width}}  {title}")
     return 0
 
