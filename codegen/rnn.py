@@ -3,9 +3,10 @@
 The input projection is done beforehand for all steps at once (one big GEMM, `x_proj = x @ w_ih.T + b_ih`);
 what remains is inherently sequential: h[t] depends on h[t-1] through the recurrent weights. Each kernel runs
 one program per block of BLOCK_B (>= 16) batch rows, loads the recurrent weight tile(s) once, keeps them in
-registers for the whole time loop and does `h @ W.T` with `tl.dot` (fp32 accumulation, IEEE fp32 precision
-so long recurrences do not drift through tf32). The hidden size is padded to a power of two NP >= 16 with
-masks. This holds while the weights fit on chip: n <= MAX_N = 128 (GRU: three n x n tiles, LSTM: four);
+registers for the whole time loop and does `h @ W.T` with `tl.dot` (fp32 accumulation). The dots use
+input_precision="tf32x3": three TF32 tensor-core products, about fp32 accuracy, so long recurrences do not
+drift as with plain TF32, while IEEE-fp32 (FMA) dots spill the n = 128 tiles to local memory (seen in the
+sm_90 resource usage of both). The hidden size is padded to a power of two NP >= 16 with masks. This holds while the weights fit on chip: n <= MAX_N = 128 (GRU: three n x n tiles, LSTM: four);
 for larger n the ops fall back to the reference with a warning saying so.
 
     leaky_rnn_scan: h[t] = h[t-1] + (act(h[t-1] @ w_rec.T + x_proj[t]) - h[t-1]) / tau
@@ -458,7 +459,7 @@ def _empty(shape, like: torch.Tensor, dtype=None) -> torch.Tensor:
 def _launch_cfg(B: int, n: int):
     NP = max(16, triton.next_power_of_2(n))
     num_warps = 8 if NP >= 128 else 4
-    return (triton.cdiv(B, BLOCK_B),), dict(NP=NP, BLOCK_B=BLOCK_B, PREC="ieee", num_warps=num_warps)
+    return (triton.cdiv(B, BLOCK_B),), dict(NP=NP, BLOCK_B=BLOCK_B, PREC="tf32x3", num_warps=num_warps)
 
 
 def _fits_on_chip(op: str, n: int) -> bool:
