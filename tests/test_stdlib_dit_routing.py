@@ -21,13 +21,6 @@ from torch import nn
 
 SMALL = dict(img=32, dims=[8, 8, 16, 16], heads=[1, 1, 2, 2], ratios=[2, 2, 2, 2], stages=2, classes=5)
 
-PER_IMAGE = (
-    "compiler lacks per-sample token routing: `route x by g to { … }` over [B, N, d] tokens flattens them into "
-    "one [M, d] row set, so a sequence-mixing branch (the Transformer block) attends across all images' routed "
-    "tokens instead of within each image (needs a ragged per-sample gather or a key-padding mask)"
-)
-
-
 @pytest.fixture(autouse=True)
 def _reference_backend(monkeypatch):
     monkeypatch.setenv("ROUTEC_BACKEND", "reference")
@@ -189,9 +182,7 @@ def test_reference_row_step_is_per_image():
         assert run.any()
 
 
-def test_eval_matches_reference_for_one_image():
-    """With one image per batch the routed tokens all belong to it: everything but the per-image attention
-    grouping (the xfail below) is checked here — gates, grid wiring, scaling paths, identities, head."""
+def test_eval_matches_reference():
     net, ref = build()
     net.eval(), ref.eval()
     modules = dict(net.named_modules())
@@ -201,36 +192,21 @@ def test_eval_matches_reference_for_one_image():
             seen[name] = []
             modules[name].register_forward_hook(lambda module, args, out, name=name: seen[name].append(out))
     torch.manual_seed(1)
-    img = torch.randn(2, 3, SMALL["img"], SMALL["img"])
-    for b in range(2):
-        with torch.no_grad():
-            got = net(img[b:b + 1])
-            want = ref(img[b:b + 1])
-        torch.testing.assert_close(got if isinstance(got, torch.Tensor) else got[0], want, atol=1e-5, rtol=1e-4)
-        for j in range(SMALL["stages"]):  # routec's routing decisions are the reference's
-            for i in range(4):
-                torch.testing.assert_close(seen[f"layers.{j}.row{i}.g_row.gate"][-1].argmax(-1) == 1, ref.rows[j][i].last_gate)
-            for i in (1, 2, 3):
-                torch.testing.assert_close(seen[f"layers.{j}.col{i}.g_col.gate"][-1], ref.cols[j][i - 1].last_gate)
-    gates = [r.last_gate for rows in ref.rows for r in rows] + [c.last_gate for cols in ref.cols for c in cols]
-    assert any(g.any() and not g.all() for g in gates)  # mixed decisions somewhere in the grid
-
-
-@pytest.mark.xfail(strict=True, reason=PER_IMAGE)
-def test_eval_matches_reference():
-    net, ref = build()
-    net.eval(), ref.eval()
-    torch.manual_seed(1)
     img = torch.randn(3, 3, SMALL["img"], SMALL["img"])
     with torch.no_grad():
         got = net(img)
         want = ref(img)
+    torch.testing.assert_close(got if isinstance(got, torch.Tensor) else got[0], want, atol=1e-5, rtol=1e-4)
+    for j in range(SMALL["stages"]):  # routec's routing decisions are the reference's
+        for i in range(4):
+            torch.testing.assert_close(seen[f"layers.{j}.row{i}.g_row.gate"][-1].argmax(-1) == 1, ref.rows[j][i].last_gate)
+        for i in (1, 2, 3):
+            torch.testing.assert_close(seen[f"layers.{j}.col{i}.g_col.gate"][-1], ref.cols[j][i - 1].last_gate)
     row = ref.rows[0][0].last_gate
     assert row.any() and not row.all()  # some tokens run the block, some stop early
-    torch.testing.assert_close(got if isinstance(got, torch.Tensor) else got[0], want, atol=1e-5, rtol=1e-4)
+    assert any(not torch.equal(row[0], row[b]) for b in (1, 2))  # images choose different token sets
 
 
-@pytest.mark.xfail(strict=True, reason=PER_IMAGE)
 def test_train_step_matches_reference_and_gives_gradients():
     net, ref = build()
     net.train(), ref.train()
@@ -244,3 +220,6 @@ def test_train_step_matches_reference_and_gives_gradients():
     loss.backward()
     for name, p in net.named_parameters():
         assert p.grad is not None and torch.isfinite(p.grad).all(), name
+        if re.search(r"row3\..*\.attn\.[qk]\.", name):
+            continue  # the 1/32 scale has one token per image here: softmax over one key ignores q and k
+        assert p.grad.abs().sum() > 0, f"{name} got a zero gradient"
