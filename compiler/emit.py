@@ -35,7 +35,6 @@ _FX_GLOBALS = {
     "NoneType": "NoneType = type(None)",
     "device": "from torch import device",
 }
-_LITERAL_LIMIT = 8  # parameters with at most this many elements are written out value by value
 
 
 class EmitError(Exception):
@@ -156,14 +155,15 @@ class _Emitter:
         raise EmitError(f"cannot write the argument {value!r} of `{owner}` as a literal")
 
     def tensor_value(self, t: torch.Tensor) -> tuple[str, Optional[str]]:
-        """Source for a parameter's initial value, and a comment when only its shape is written."""
+        """Source for a parameter's initial value, and a comment when only its shape is written.
+
+        A constant is written as such; other values (random or computed initialisations) are not copied into
+        the file, which stays the same for the same spec: they come with the compiled model's state_dict."""
         shape = tuple(t.shape)
         dtype = "" if t.dtype == torch.float32 else f", dtype={t.dtype}"
         flat = t.detach().reshape(-1).cpu()
         if flat.numel() and bool((flat == flat[0]).all()) and t.dtype.is_floating_point:
             return f"torch.full({shape!r}, {self.literal(float(flat[0]), '', '')}{dtype})", None
-        if flat.numel() <= _LITERAL_LIMIT:
-            return f"torch.tensor({t.detach().cpu().tolist()!r}{dtype})", None
         return f"torch.zeros({shape!r}{dtype})", "the compiled model's values come with its state_dict"
 
     # ------------------------------------------------------------------ the module tree
@@ -349,7 +349,7 @@ class _Emitter:
                    f"        return {result(train_type, train)}", f"    return {result(eval_type, evals)}"]
         described = "\n".join(
             f"    {n}: [{', '.join(str(d) for d in dims)}]{' ' + dt if dt else ''}" for n, dims, dt in net.inputs)
-        setting = ", ".join(f"{k}={v!r}" for k, v in params.items())
+        setting = ", ".join(f"{k}={v}" for k, v in params.items())
         outputs = "a tensor" if eval_type is None else f"{eval_type.__name__} (eval)"
         if train_type is not None:
             outputs += f", {train_type.__name__} (training)"
