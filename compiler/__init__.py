@@ -18,15 +18,25 @@ __all__ = ["compile_source", "compile_file", "load", "RoutedModule"]
 
 
 def compile_source(text: str, filename: str = "<string>", *, model: Optional[str] = None,
-                   **params: Any) -> RoutedModule:
-    """Compile spec `text`; `model` picks a model or block by name (default: the file's last `model`)."""
+                   fuse: Optional[bool] = None, **params: Any) -> RoutedModule:
+    """Compile spec `text`; `model` picks a model or block by name (default: the file's last `model`).
+
+    `fuse` runs the elementwise fusion pass (`compiler.passes.fusion`); None fuses when the kernels will run
+    as Triton (ROUTEC_BACKEND=triton, or CUDA present and the backend not forced to `reference`).
+    """
     from .build import elaborate
+    from .passes import fuse_module, should_fuse, verify
 
-    return elaborate(filename, text, params, model=model)
+    net = elaborate(filename, text, params, model=model)
+    if should_fuse(fuse):
+        fuse_module(net)
+        verify(net.graph_module)
+    return net
 
 
-def compile_file(path: Union[str, Path], *, model: Optional[str] = None, **params: Any) -> RoutedModule:
-    return compile_source(read_source(path), str(path), model=model, **params)
+def compile_file(path: Union[str, Path], *, model: Optional[str] = None, fuse: Optional[bool] = None,
+                 **params: Any) -> RoutedModule:
+    return compile_source(read_source(path), str(path), model=model, fuse=fuse, **params)
 
 
 def resolve_spec(spec: Union[str, Path]) -> Path:
@@ -37,6 +47,7 @@ def resolve_spec(spec: Union[str, Path]) -> Path:
     return Path(text)
 
 
-def load(spec: Union[str, Path], *, model: Optional[str] = None, **params: Any) -> RoutedModule:
+def load(spec: Union[str, Path], *, model: Optional[str] = None, fuse: Optional[bool] = None,
+         **params: Any) -> RoutedModule:
     """Build the module of `spec` (a path or `stdlib:<name>`) with the given parameter values."""
-    return compile_file(resolve_spec(spec), model=model, **params)
+    return compile_file(resolve_spec(spec), model=model, fuse=fuse, **params)

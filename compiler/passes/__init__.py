@@ -1,0 +1,12 @@
+"""routec.compiler.passes: graph passes that run on the fx graph `compiler.build.finish` produces.
+
+`fusion` groups elementwise nodes into regions and replaces each by one generated Triton kernel
+(`kernelgen` writes and imports its source); `launches` counts kernel launches per forward for
+`routec run --stats`.
+"""
+
+from .fusion import count_elementwise, find_regions, fuse_graph, fuse_module, should_fuse, verify
+from .launches import count_launches
+
+__all__ = ["count_elementwise", "count_launches", "find_regions", "fuse_graph", "fuse_module", "should_fuse",
+           "verify"]
