@@ -175,6 +175,21 @@ def test_model_matches_reference_in_eval(temperature, threshold, seed):
     torch.testing.assert_close(got.out, want, rtol=1e-5, atol=1e-6)
 
 
+def test_every_layer_spikes():
+    """The test weights drive every IF layer (so the comparisons above reach the classifier through spikes)."""
+    _, ref = pair(2.0, 0.5, 1)
+    rates = {}
+    for name, m in ref.named_modules():
+        if isinstance(m, RefIF):
+            m.register_forward_hook(lambda mod, args, out, name=name: rates.setdefault(name, []).append(out > 0))
+    with torch.no_grad():
+        ref(torch.randn(5, 3, SMALL["size"], SMALL["size"]), 2.0, 0.5)
+    assert len(rates) == 17
+    for name, spikes in rates.items():
+        rate = torch.stack(spikes).float().mean()
+        assert 0.05 < rate < 0.95, (name, rate)
+
+
 def test_exit_steps_vary_per_sample():
     """The early-exit setting really halts different samples at different steps (so the check above is
     not vacuous)."""
