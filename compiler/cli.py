@@ -90,10 +90,10 @@ def cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
-def build(args: argparse.Namespace):
+def build(args: argparse.Namespace, fuse: Optional[bool] = None):
     from . import load
 
-    return load(spec_path(args.spec), model=args.model, **parse_params(args.param))
+    return load(spec_path(args.spec), model=args.model, fuse=fuse, **parse_params(args.param))
 
 
 def random_inputs(module: Any, batch: int, length: int, device: str) -> list:
@@ -116,7 +116,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     torch.manual_seed(args.seed)
     t0 = time.perf_counter()
-    net = build(args).to(args.device)
+    net = build(args, fuse=args.fuse).to(args.device)
     compile_s = time.perf_counter() - t0
     xs = random_inputs(net, args.batch, args.length, args.device)
     n_params = sum(p.numel() for p in net.parameters())
@@ -144,6 +144,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     if net.routing:
         print("  routing: " + ", ".join(f"{kind} {name}" for kind, name in net.routing))
     print(f"  eval forward: {per * 1000:.2f} ms (batch {args.batch}, {args.device})")
+    if args.stats:
+        print_launches(args, xs)
     if args.train:
         net.train()
         opt = torch.optim.Adam(net.parameters(), lr=args.lr)
@@ -167,13 +169,39 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def print_launches(args: argparse.Namespace, xs: list) -> None:
+    """`run --stats`: kernel launches of one eval forward, without and with the fusion pass (same weights)."""
+    import torch
+
+    from ..codegen.pointwise import fusable_inputs
+    from .passes import count_elementwise, count_launches
+    from .passes.fusion import FUSED_KERNELS
+
+    counts = {}
+    for fuse in (False, True):
+        torch.manual_seed(args.seed)
+        net = build(args, fuse=fuse).to(args.device).eval()
+        torch.manual_seed(args.seed)
+        counts[fuse] = (count_launches(net, xs), count_elementwise(net.graph),
+                        len(net.graph_module.meta.get(FUSED_KERNELS, [])))
+    (plain, before, _), (fused, after, regions) = counts[False], counts[True]
+    print(f"  launches per forward: {plain} unfused, {fused} fused ({regions} fused region"
+          f"{'s' if regions != 1 else ''}, elementwise nodes {before} → {after}; counted with torch.profiler, "
+          f"see routec.compiler.passes.launches)")
+    floats = [x for x in xs if x.is_floating_point()]
+    if not fusable_inputs(*(floats or [torch.zeros(1, device=args.device)])):
+        print("  (fused regions ran their PyTorch reference here: use --device cuda, or set ROUTEC_BACKEND=triton "
+              "with TRITON_INTERPRET=1, to run the generated kernels)")
+
+
 def cmd_compile(args: argparse.Namespace) -> int:
     """`-o out.py` alone writes the standalone module (stage `emit`); `--dump-after STAGE` prints a stage
     (to `-o` if given); with neither, the generated forward code is printed."""
     from .pipeline import dump
 
-    net = build(args)
     stage = args.dump_after or ("emit" if args.output else "code")
+    # The standalone module (`emit`) does not carry generated kernels yet, so only `fuse` runs the pass.
+    net = build(args, fuse=stage == "fuse")
     text = dump(net, stage, spec_path(args.spec), parse_params(args.param))
     if args.output:
         Path(args.output).write_text(text + "\n", encoding="utf-8")
@@ -226,6 +254,10 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--train", action="store_true", help="also run a few optimizer steps on random targets")
     r.add_argument("--steps", type=int, default=5)
     r.add_argument("--lr", type=float, default=1e-3)
+    r.add_argument("--fuse", action=argparse.BooleanOptionalAction, default=None,
+                   help="run the elementwise fusion pass (default: when kernels run as Triton)")
+    r.add_argument("--stats", action="store_true",
+                   help="also print kernel launches per forward without and with fusion")
     r.set_defaults(func=cmd_run)
 
     co = sub.add_parser("compile", help="write a standalone Python module (-o out.py), or print a stage")

@@ -6,6 +6,8 @@
 | elaborate | `compiler.build.elaborate`       | names resolved, parameters bound, shapes checked, blocks |
 |           |                                  | and repeats expanded, modules built, fx graph emitted    |
 | fx        | `compiler.build.finish`          | the linted `torch.fx.GraphModule` (dead code removed)    |
+| fuse      | `compiler.passes.fuse_module`    | elementwise regions replaced by generated Triton kernels |
+|           |                                  | (when kernels run as Triton; `compile_source(fuse=…)`)   |
 | code      | `GraphModule.code`               | the Python `forward` the graph runs                      |
 | emit      | `compiler.emit.emit_module`      | a standalone module rebuilding the network (`-o out.py`) |
 
@@ -19,7 +21,7 @@ from typing import Any, Optional
 
 from ..dsl import parse, read_source
 
-STAGES = ("parse", "elaborate", "fx", "code", "emit")
+STAGES = ("parse", "elaborate", "fx", "fuse", "code", "emit")
 
 
 def dump(net: Any, stage: str, path: Path, params: Optional[dict] = None) -> str:
@@ -33,6 +35,14 @@ def dump(net: Any, stage: str, path: Path, params: Optional[dict] = None) -> str
         return "\n".join(lines)
     if stage == "fx":
         return str(net.graph)
+    if stage == "fuse":
+        from .passes.fusion import FUSED_KERNELS
+
+        files = net.graph_module.meta.get(FUSED_KERNELS, [])
+        parts = [net.graph_module.code.strip("\n")]
+        for f in dict.fromkeys(files):
+            parts.append(f"# ---- {f}\n{Path(f).read_text(encoding='utf-8').rstrip()}")
+        return "\n\n".join(parts)
     if stage == "code":
         return net.graph_module.code
     if stage == "emit":
