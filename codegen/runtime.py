@@ -269,6 +269,24 @@ class PathCombine(nn.Module):
         return ops.gated_combine(stacked, weights)
 
 
+MIN_PACKED_ROWS = 8
+
+
+def survivors(stay: Tensor, n: int) -> Tensor:
+    """Row indices of the samples that stay, padded by repeating the last one to at least
+    min(MIN_PACKED_ROWS, n) rows. BLAS takes other kernels (other summation orders) for very small
+    matrices, so without the floor a sample's result would depend on how many others left; duplicated
+    rows compute identical values and write the same place. (Eager only: a traced graph cannot branch on the
+    live count.)"""
+    rows = stay.nonzero().squeeze(-1)
+    floor = min(MIN_PACKED_ROWS, n)
+    if torch.compiler.is_compiling():  # traced graphs keep the unpadded (data-dependent) size
+        return rows
+    if 0 < rows.numel() < floor:
+        rows = torch.cat([rows, rows[-1:].expand(floor - rows.numel())])
+    return rows
+
+
 @recorded
 class ExitPoint(nn.Module):
     """An exit in the batch: decides which samples leave and, in eval mode, removes them from the batch.
@@ -292,7 +310,7 @@ class ExitPoint(nn.Module):
         rows = alive[leave]
         out = out.index_put((rows,), logits[leave].to(out.dtype))
         index = index.index_put((rows,), torch.full_like(rows, self.position))
-        stay = ~leave
+        stay = survivors(~leave, out.shape[0])
         return (out, index, alive[stay], logits[stay], *(t[stay] for t in live))
 
 
@@ -391,7 +409,7 @@ class ScanLoop(nn.Module):
             out = out.index_put((rows,), head[leave])
             index = index.index_put((rows,), torch.full_like(rows, t))
             final = [f.index_put((rows,), s[leave]) for f, s in zip(final, states)]
-            stay = ~leave
+            stay = survivors(~leave, n)
             alive = alive[stay]
             states = [s[stay] for s in states]
             live_captured = [c[stay] if b else c for c, b in zip(live_captured, self.batched)]

@@ -95,7 +95,7 @@ def test_state_dict_names_follow_the_spec():
 
 
 EXIT_SPEC = """
-model Exits(d: int = 16, depth: int = 4, classes: int = 5, t: float = 0.3) {
+model Exits(d: int = 64, depth: int = 4, classes: int = 5, t: float = 0.3) {
     in x: [B, d]
     h = x
     repeat i in depth {
@@ -106,11 +106,11 @@ model Exits(d: int = 16, depth: int = 4, classes: int = 5, t: float = 0.3) {
 """
 
 
-@pytest.mark.parametrize("threshold", [0.0, 0.3, 1.1])
+@pytest.mark.parametrize("threshold", [0.0, 0.22, 0.25, 0.3, 0.5, 1.1])
 def test_compacted_exits_equal_run_all_then_select(threshold):
     torch.manual_seed(1)
     net = compile_source(EXIT_SPEC, "exits.route", t=threshold)
-    x = torch.randn(37, 16) * 3
+    x = torch.randn(37, 64) * 3
     net.train()
     with torch.no_grad():
         heads = net(x).exits  # every exit on the full batch
@@ -124,7 +124,7 @@ def test_compacted_exits_equal_run_all_then_select(threshold):
         want_index = torch.where(hit, torch.tensor(i), want_index)
     want = torch.stack(heads)[want_index, torch.arange(37)]
     assert torch.equal(index, want_index)
-    torch.testing.assert_close(out, want, rtol=1e-6, atol=1e-6)
+    assert torch.equal(out, want)  # bit for bit: compaction changes which rows run, not their values
     if threshold == 0.0:
         assert (index == 0).all()
     if threshold > 1:
