@@ -159,47 +159,35 @@ def pair(temperature: float, threshold: float, seed: int):
 
 
 
-# the demo's temperature and threshold; then settings where samples halt early (the second also at the last step)
-CONFIGS = [(30.0, 0.6, 0), (2.0, 0.5, 1), (2.0, 0.6, 1)]
+# the demo's temperature and threshold (nobody is confident enough to halt), and a setting where some samples
+# halt early and others run every step
+CONFIGS = [pytest.param(30.0, 0.6, 0, id="demo"), pytest.param(2.0, 0.6, 1, id="early")]
 
 
 @pytest.mark.parametrize("temperature, threshold, seed", CONFIGS)
 def test_model_matches_reference_in_eval(temperature, threshold, seed):
     net, ref = pair(temperature, threshold, seed)
     net.eval(), ref.eval()
+    spikes = {}
+    for name, m in ref.named_modules():
+        if isinstance(m, RefIF):
+            m.register_forward_hook(lambda mod, args, out, name=name: spikes.setdefault(name, []).append(out > 0))
     img = torch.randn(5, 3, SMALL["size"], SMALL["size"])
     with torch.no_grad():
         got = net(img)
         _, want, step = ref(img, temperature, threshold)
     torch.testing.assert_close(got.exit_index, step)
     torch.testing.assert_close(got.out, want, rtol=1e-5, atol=1e-6)
-
-
-def test_every_layer_spikes():
-    """The test weights drive every IF layer (so the comparisons above reach the classifier through spikes)."""
-    _, ref = pair(2.0, 0.5, 1)
-    rates = {}
-    for name, m in ref.named_modules():
-        if isinstance(m, RefIF):
-            m.register_forward_hook(lambda mod, args, out, name=name: rates.setdefault(name, []).append(out > 0))
-    with torch.no_grad():
-        ref(torch.randn(5, 3, SMALL["size"], SMALL["size"]), 2.0, 0.5)
-    assert len(rates) == 17
-    for name, spikes in rates.items():
-        rate = torch.stack(spikes).float().mean()
+    # not vacuous: every IF layer spikes, so the outputs depend on the spiking network
+    assert len(spikes) == 17
+    for name, s in spikes.items():
+        rate = torch.stack(s).float().mean()
         assert 0.05 < rate < 0.95, (name, rate)
-
-
-def test_exit_steps_vary_per_sample():
-    """The early-exit setting really halts different samples at different steps (so the check above is
-    not vacuous)."""
-    net, ref = pair(2.0, 0.6, 1)
-    net.eval(), ref.eval()
-    img = torch.randn(5, 3, SMALL["size"], SMALL["size"])
-    with torch.no_grad():
-        steps = net(img).exit_index.tolist()
-    assert min(steps) < SMALL["steps"] - 1, "some sample halts early"
-    assert max(steps) == SMALL["steps"] - 1, "some sample runs every step"
+    if temperature == 2.0:
+        assert step.min() < SMALL["steps"] - 1, "some sample halts early"
+        assert step.max() == SMALL["steps"] - 1, "some sample runs every step"
+    else:
+        assert torch.all(step == SMALL["steps"] - 1)
 
 
 def test_model_train_step():
