@@ -305,6 +305,9 @@ def finish(el: Elaborator, d: ast.Definition) -> RoutedModule:
     for path, module in el.root.named_modules():
         if path and _missing(gm, path):
             _attach(gm, path, module)
+        elif path and _stand_in(gm, path, module):
+            owner, _, leaf = path.rpartition(".")
+            gm.get_submodule(owner).add_module(leaf, module)
     for path, param in el.root.named_parameters():
         if _missing_param(gm, path):
             _attach_param(gm, path, param)
@@ -335,6 +338,12 @@ def _final(position: int):
     from ..codegen.runtime import ExitFinal
 
     return ExitFinal(position)
+
+
+def _stand_in(gm: torch.nn.Module, path: str, module: torch.nn.Module) -> bool:
+    """fx copied only some parameters of `module` (a `get_attr` of a layer's weight, as fused scans do) into
+    a plain container at its path: the layer itself belongs there (same parameters, its own type)."""
+    return type(gm.get_submodule(path)) is torch.nn.Module and type(module) is not torch.nn.Module
 
 
 def _missing(gm: torch.nn.Module, path: str) -> bool:
