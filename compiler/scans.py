@@ -155,7 +155,8 @@ def try_fused(el: Elaborator, s: ast.Scan, scope: Scope, seq: Tensor, inits: lis
             sub = body_scope(scope, prefix)
             a = broadcast_to(el, el.eval(a_expr, sub), full, a_expr)
             b = broadcast_to(el, el.eval(b_expr, sub), full, b_expr)
-            node = el.call_function(ops.linear_scan, (a, b, h0), {"reverse": reverse})
+            scan_fn = ops.linear_scan if len(full) == 3 else linear_scan_nd  # matrix states: flattened
+            node = el.call_function(scan_fn, (a, b, h0), {"reverse": reverse})
         else:
             return None
     finally:
@@ -238,6 +239,16 @@ def lower_cell(el: Elaborator, s: ast.Scan, scope: Scope, seq: Tensor, inits: li
     for e in emits:
         out[e.name] = Tensor(seqs[s.states[0]], full)
     return out
+
+
+def linear_scan_nd(a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor, *, reverse: bool = False) -> torch.Tensor:
+    """`ops.linear_scan` for states of any shape: a, b [B, L, *S], h0 [B, *S] are flattened to [B, L, D]."""
+    if a.dim() == 3:
+        return ops.linear_scan(a, b, h0, reverse=reverse)
+    bsz, length = a.shape[:2]
+    h = ops.linear_scan(a.reshape(bsz, length, -1), b.reshape(bsz, length, -1), h0.reshape(bsz, -1),
+                        reverse=reverse)
+    return h.reshape(a.shape)
 
 
 def broadcast_to(el: Elaborator, v: Any, shape: tuple, e: ast.Expr) -> Tensor:
