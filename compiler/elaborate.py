@@ -366,10 +366,15 @@ class Elaborator:
             return left and right
         if e.op == "or":
             return left or right
+        if _too_large(e.op, left, right):
+            self.error("R105", f"`{e.op}` gives a value too large for a spec ({describe(left)} {e.op} "
+                       f"{describe(right)})", e.span)
         try:
             result = _BINARY[e.op](left, right)
         except ZeroDivisionError:
             self.error("R105", f"division by zero in `{render_value(left)} {e.op} {render_value(right)}`", e.span)
+        except OverflowError:
+            self.error("R105", f"`{render_value(left)} {e.op} {render_value(right)}` overflows", e.span)
         except TypeError:
             self.error("R104", f"`{e.op}` cannot combine {describe(left)} and {describe(right)}", e.span)
         if e.op == "/" and isinstance(result, float) and result.is_integer() and isinstance(left, int) \
@@ -479,6 +484,11 @@ class Elaborator:
             elif isinstance(sub, ast.Slice):
                 parts = [None if p is None else self.static(p, scope, "a slice bound")
                          for p in (sub.start, sub.stop, sub.step)]
+                for p, bound in zip(parts, (sub.start, sub.stop, sub.step)):
+                    if p is not None and (not isinstance(p, int) or isinstance(p, bool)):
+                        self.error("R107", f"a slice bound must be an int, got {describe(p)}", bound.span)
+                if parts[2] is not None and parts[2] <= 0:
+                    self.error("R107", f"a slice step must be positive, got {parts[2]}", sub.step.span)
                 items.append(slice(*parts))
                 if pos >= len(dims):
                     self.error("R107", f"too many indices for {base.describe()}", sub.span)
@@ -1030,6 +1040,12 @@ class Elaborator:
             return
         args = [self.static(a, scope, "a gate argument") for a in getattr(kind_expr, "args", ())]
         kwargs = {k.name: self.static(k.value, scope, "a gate argument") for k in getattr(kind_expr, "kwargs", ())}
+        numbers = [(f"option `{k}`", v) for k, v in kwargs.items() if k in ("capacity", "temperature", "t", "tau")]
+        if args and kind != "topk":
+            numbers.append(("argument", args[0]))
+        for what, value in numbers:
+            if not _is_number(value):
+                self.error("R132", f"`{kind}` {what} must be a number, got {describe(value)}", kind_expr.span)
         choices = scores.shape[-1]
         path = join(join(scope.prefix, s.name), "gate")
         timing = s.timing or ("pre" if kind in ("topk", "threshold", "bernoulli", "gumbel", "argmax") else "post")
@@ -1282,11 +1298,17 @@ class Elaborator:
             kw = {k.name: self.static(k.value, scope, "a modifier option") for k in m.kwargs}
             pos = [self.static(a, scope, "a modifier option") for a in m.args]
             if mname == "sample":
-                drop = float(kw.get("drop", pos[0] if pos else 0.0))
+                drop = kw.get("drop", pos[0] if pos else 0.0)
+                if not _is_number(drop):
+                    self.error("R141", f"`sample(drop=…)` needs a number, got {describe(drop)}", m.span)
+                drop = float(drop)
                 if not 0.0 <= drop < 1.0:
                     self.error("R141", f"`sample(drop=…)` needs 0 ≤ drop < 1, got {drop}", m.span)
             elif mname == "ensemble":
-                ensemble = int(kw.get("n", pos[0] if pos else 0))
+                ensemble = kw.get("n", pos[0] if pos else 0)
+                if not _is_number(ensemble) or ensemble != int(ensemble):
+                    self.error("R141", f"`ensemble(n=…)` needs an int, got {describe(ensemble)}", m.span)
+                ensemble = int(ensemble)
                 if ensemble < 1:
                     self.error("R141", f"`ensemble(n=…)` needs n ≥ 1, got {ensemble}", m.span)
             else:
@@ -1411,8 +1433,8 @@ class Elaborator:
         decision = self.eval(s.rule, scope)
         if decision is POISON:
             raise Abort()
-        if not isinstance(decision, Tensor) or decision.dtype != "bool":
-            self.error("R152", "an exit rule must be a per-sample condition such as `confidence(head) >= 0.9`, "
+        if not isinstance(decision, Tensor) or decision.dtype != "bool" or len(decision.shape) != 1:
+            self.error("R152", "an exit rule must be a per-sample condition [B] such as `confidence(head) >= 0.9`, "
                        f"got {self.describe(decision)}", s.rule.span)
         st = self.exits()
         if st.classes is None:
@@ -1524,6 +1546,21 @@ class Elaborator:
         if emits is None:
             self.error("R160", "`emit` is only allowed inside a `scan` body", s.span)
         emits[s.name] = value
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _too_large(op: str, left: Any, right: Any) -> bool:
+    """Static arithmetic that would build a huge string/list or integer (the spec is data, not a program)."""
+    if op == "*" and isinstance(left, int) and isinstance(right, (str, list, tuple)):
+        left, right = right, left
+    if op == "*" and isinstance(left, (str, list, tuple)) and isinstance(right, int):
+        return len(left) * right > 1_000_000
+    if op == "**" and isinstance(left, int) and isinstance(right, int) and abs(left) > 1:
+        return right * max(abs(left), 2).bit_length() > 4096
+    return False
 
 
 class SeqAxis:
