@@ -269,6 +269,10 @@ class _Emitter:
 
     def graph_code(self, gm: fx.GraphModule, method: str) -> tuple[str, list[str]]:
         """The graph as a method named `method` (source, indented for a class body) and its inputs."""
+        for node in gm.graph.nodes:
+            if node.op == "call_function" and str(getattr(node.target, "namespace", "")).startswith("routec_fused"):
+                raise EmitError(f"the graph calls the generated kernel `{node.target}` of the fusion pass; the "
+                                f"emitted file does not carry generated kernels: compile with fuse=False")
         code = gm.graph.python_code(root_module="self")
         src = code.src.strip("\n")
         for name, obj in code.globals.items():

@@ -251,3 +251,13 @@ def test_cli_writes_the_module_and_dumps_it(tmp_path, capsys):
     assert "self.linear = nn.Linear(8, 5, bias=True)" in written
     assert main(["compile", spec, "--dump-after", "list"]) == 0
     assert "emit" in capsys.readouterr().out.split()
+
+
+def test_fused_graph_is_refused_with_a_reason(tmp_path, monkeypatch):
+    """Generated fusion kernels are not carried into the file (yet): say so instead of writing a file that
+    calls an op nothing registers."""
+    monkeypatch.setenv("ROUTEC_CACHE", str(tmp_path))
+    net = load(ROOT / "examples" / "multitask.route", fuse=True)
+    assert any(str(getattr(n.target, "namespace", "")).startswith("routec_fused") for n in net.graph.nodes)
+    with pytest.raises(EmitError, match="generated kernel .* compile with fuse=False"):
+        emit_module(net, "multitask.route")
