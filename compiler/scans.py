@@ -360,8 +360,12 @@ def step_loop(el: Elaborator, s: ast.Scan, scope: Scope, seq: Tensor, inits: lis
             sub.names[name] = st
         saved = el.stmt_span, el.stmt_text
         before = len(el.diags.errors)
-        el.run_body(s.body, sub)
+        outs = el.run_body(s.body, sub)
         el.stmt_span, el.stmt_text = saved
+        if outs:
+            stray = next(n for n in ast.walk(s) if isinstance(n, ast.Out))
+            el.diags.error("R160", "`out` inside a `scan` body: per-step outputs are `emit name = …`, and the "
+                           "scan's results are used after it", stray.span)
         if len(el.diags.errors) > before:
             raise Abort()
         new_states = []
