@@ -1,7 +1,8 @@
 """stdlib:duo_llm against an independent PyTorch Duo-LLM written from the paper's description (Alizadeh et al.,
 2024; no official code): a GPT-2 decoder (HF GPT-2 layout: token and position tables, pre-norm blocks with a
-fused causal c_attn, final ln_f, linear LM head) whose FFN slot in every layer offers skip / small FFN / big FFN,
-chosen per token by r_l = argmax(W_l h_l) over the residual stream entering the slot.
+fused causal c_attn, final ln_f) whose FFN slot in every layer offers skip / small FFN / big FFN,
+chosen per token by r_l = argmax(W_l h_l) over the residual stream entering the slot; the LM head is tied to the
+token embedding.
 
 The reference evaluates all three options for every token and picks each token's option with the router's
 argmax (dense compute + selection), an independent route to the same function as routec's gather / run /
@@ -74,21 +75,17 @@ class RefDuoLLM(nn.Module):
         self.wpe = nn.Embedding(context, d)
         self.h = nn.ModuleList(RefDuoBlock(d, heads, small, big) for _ in range(layers))
         self.ln_f = nn.LayerNorm(d)
-        self.lm_head = nn.Linear(d, vocab, bias=False)
 
     def forward(self, ids):
         x = self.wte(ids) + self.wpe(torch.arange(ids.shape[1]))
         for block in self.h:
             x = block(x)
-        return self.lm_head(self.ln_f(x))
+        return F.linear(self.ln_f(x), self.wte.weight)  # GPT-2's LM head is tied to the token embedding
 
 
 def routec_to_reference(name: str, value: torch.Tensor) -> dict[str, torch.Tensor]:
     """The explicit name map: one routec tensor → the reference tensor(s) it becomes."""
-    top = {
-        "embedding.weight": "wte.weight", "posembed.weight": "wpe.weight",
-        "layernorm.weight": "ln_f.weight", "layernorm.bias": "ln_f.bias", "linear.weight": "lm_head.weight",
-    }
+    top = {"wte.weight": "wte.weight", "wpe.weight": "wpe.weight", "ln_f.weight": "ln_f.weight", "ln_f.bias": "ln_f.bias"}
     if name in top:
         return {top[name]: value}
     m = re.fullmatch(r"layers\.(\d+)\.layer\.(.+)", name)
