@@ -149,27 +149,35 @@ class Experts(nn.Module):
         if self.b1 is None and self.w2.shape[-1] == xs.shape[-1]:
             y = ops.moe_ffn(xs, w, idx, self.w1, self.w2, activation=self.activation, w3=self.w3)
         else:
-            y = self._per_expert(xs, w, idx)
+            y = self._augmented(xs, w, idx)
         return y.reshape(*lead, y.shape[-1])
 
-    def _per_expert(self, xs: Tensor, w: Tensor, idx: Tensor) -> Tensor:
-        """Experts with biases (or out ≠ d), which `moe_ffn` does not take: gather each expert's rows,
-        run it, scatter-add the weighted result."""
-        act = {"gelu": F.gelu, "silu": F.silu, "relu": F.relu}.get(self.activation)
-        y = xs.new_zeros(xs.shape[0], self.w2.shape[-1])
-        for e in range(self.w1.shape[0]):
-            hit = idx == e  # [T, k]
-            rows = hit.any(-1).nonzero().squeeze(-1)
-            xe = xs.index_select(0, rows)
-            h = xe @ self.w1[e] + (self.b1[e] if self.b1 is not None else 0)
-            if self.w3 is not None:
-                gate = F.silu(h) if self.activation == "swiglu" else F.gelu(h)
-                h = gate * (xe @ self.w3[e])
-            else:
-                h = act(h)
-            ye = h @ self.w2[e] + (self.b2[e] if self.b2 is not None else 0)
-            we = (w * hit.to(w.dtype)).sum(-1).index_select(0, rows)
-            y = y.index_add(0, rows, ye * we.unsqueeze(-1))
+    def _augmented(self, xs: Tensor, w: Tensor, idx: Tensor) -> Tensor:
+        """Experts with biases or out ≠ d through the same `moe_ffn` kernel: x gets a constant-one column
+        whose w1 row is b1 (and zero columns up to a common width D), w2 zero columns up to D; the
+        second bias is the routing-weighted sum of b2 over each token's experts."""
+        d, out = xs.shape[-1], self.w2.shape[-1]
+        width = max(d + (1 if self.b1 is not None else 0), out)
+        e, hidden = self.w1.shape[0], self.w1.shape[-1]
+        cols = [xs]
+        rows1 = [self.w1]
+        rows3 = [self.w3] if self.w3 is not None else None
+        if self.b1 is not None:
+            cols.append(xs.new_ones(xs.shape[0], 1))
+            rows1.append(self.b1.unsqueeze(1))
+            if rows3 is not None:
+                rows3.append(self.w3.new_zeros(e, 1, hidden))
+        pad = width - sum(c.shape[-1] for c in cols)
+        if pad:
+            cols.append(xs.new_zeros(xs.shape[0], pad))
+            rows1.append(self.w1.new_zeros(e, pad, hidden))
+            if rows3 is not None:
+                rows3.append(self.w1.new_zeros(e, pad, hidden))
+        w2 = self.w2 if out == width else torch.cat([self.w2, self.w2.new_zeros(e, hidden, width - out)], dim=2)
+        y = ops.moe_ffn(torch.cat(cols, 1), w, idx, torch.cat(rows1, 1), w2, activation=self.activation,
+                        w3=None if rows3 is None else torch.cat(rows3, 1))[:, :out]
+        if self.b2 is not None:
+            y = y + (w.unsqueeze(-1) * self.b2[idx]).sum(1)
         return y
 
 

@@ -431,3 +431,32 @@ def test_token_routing_to_a_token_mixing_branch_runs_each_samples_tokens_as_one_
             seq = x[i, sel][None]
             want[i, sel] = attend(seq, seq, seq, need_weights=False)[0][0]
     torch.testing.assert_close(net(x), want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("act,out", [("gelu", 8), ("swiglu", 8), ("relu", 5)])
+def test_experts_with_biases_and_other_widths_match_a_per_token_loop(act, out):
+    spec = f"""
+    model E(d: int = 8, h: int = 12) {{
+        in x: [B, T, d]
+        gate g = topk(2) of Linear(d, 4)(x)
+        out route x by g to experts {{ Linear(d, h) -> {act} -> Linear(h, {out}) }}
+    }}
+    """
+    torch.manual_seed(0)
+    net = compile_source(spec, "e.route").eval()
+    x = torch.randn(2, 5, 8)
+    sd = net.state_dict()
+    probs = torch.softmax(x @ sd["g.linear.weight"].T + sd["g.linear.bias"], -1)
+    w, idx = probs.topk(2, dim=-1)
+    want = torch.zeros(2, 5, out)
+    for b in range(2):
+        for t in range(5):
+            for j in range(2):
+                e = idx[b, t, j]
+                z = x[b, t] @ sd["experts.w1"][e] + sd["experts.b1"][e]
+                if act == "swiglu":
+                    hid = torch.nn.functional.silu(z) * (x[b, t] @ sd["experts.w3"][e])
+                else:
+                    hid = {"gelu": torch.nn.functional.gelu, "relu": torch.relu}[act](z)
+                want[b, t] += w[b, t, j] * (hid @ sd["experts.w2"][e] + sd["experts.b2"][e])
+    torch.testing.assert_close(net(x).out, want, rtol=1e-5, atol=1e-5)
