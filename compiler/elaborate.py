@@ -968,6 +968,8 @@ class Elaborator:
                 if fname == "uniform":
                     lo, hi = (float(args[0]), float(args[1])) if len(args) == 2 else (
                         float(kwargs.get("low", -1.0)), float(kwargs.get("high", 1.0)))
+                    if not lo < hi:
+                        self.error("R126", f"`uniform(low, high)` needs low < high, got {lo} and {hi}", init.span)
                     return torch.empty(dims).uniform_(lo, hi)
                 if fname == "xavier":
                     return nn.init.xavier_uniform_(torch.empty(dims))
