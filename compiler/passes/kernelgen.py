@@ -181,7 +181,7 @@ def render(region: Region, op_name: str) -> str:
         w(f"From the spec:{origin}\n")
     w('"""\n')
     w("import math\n\nimport torch\nimport torch.nn.functional as F\nimport triton\nimport triton.language as tl"
-      "\nfrom typing import Optional\n\nfrom torch import Tensor\n\nfrom routec.codegen.backend import reference_vjp"
+      "\nfrom torch import Tensor\n\nfrom routec.codegen.backend import reference_vjp"
       "\nfrom routec.codegen.pointwise import block_size, fusable_inputs, iteration_layout, out_buffer\n")
     w(f'OP = "{op_name}"\n\n')
 
@@ -290,18 +290,23 @@ def render(region: Region, op_name: str) -> str:
       f"{', '.join(f'*strides[{i}]' for i in range(len(operands)))}, RANK=rank, BLOCK=block)")
     w(f"    return {'(' + ', '.join(outs) + ')' if many else outs[0]}\n\n")
 
-    w(f"def launch_bwd({sig}, grads):")
-    w('    """Input gradients through `fused_bwd`, or None when an output is smaller than the iteration space')
-    w('    (its gradient would be counted once per broadcast copy) or the layout is too deep."""')
-    w(f"    shape = torch.broadcast_shapes({', '.join(f'{x}.shape' for x in xs)})")
-    w("    if any(g is None or g.shape != shape for g in grads):")
+    w("def bwd_layout(inputs, grads):")
+    w('    """The iteration layout for `fused_bwd`, or None where the kernel does not apply: inputs it does not')
+    w('    take, a missing output gradient, or an output smaller than the iteration space (its gradient would')
+    w('    be counted once per broadcast copy). Then the backward recomputes the reference under autograd."""')
+    w("    if not fusable_inputs(*inputs) or len({x.dtype for x in inputs}) != 1:")
     w("        return None")
+    w("    shape = torch.broadcast_shapes(*(x.shape for x in inputs))")
+    w("    if any(g is None or g.shape != shape or g.dtype != inputs[0].dtype for g in grads):")
+    w("        return None")
+    w("    gradients = torch.empty(shape, device=\"meta\")  # stands for the contiguous d<xi> buffers")
+    w("    return iteration_layout(shape, (*inputs, *grads, *(gradients for _ in inputs)))\n\n")
+    w(f"def launch_bwd({sig}, grads):")
+    w('    """Input gradients through `fused_bwd` (the caller checked `bwd_layout`)."""')
+    w(f"    shape = torch.broadcast_shapes({', '.join(f'{x}.shape' for x in xs)})")
     for x in xs:
         w(f"    d{x} = out_buffer(shape, torch.float32, {x}.device)")
-    w(f"    layout = iteration_layout(shape, ({', '.join(xs)}, *grads, {', '.join(dxs)}))")
-    w("    if layout is None:")
-    w("        return None")
-    w("    rank, sizes, strides = layout")
+    w(f"    rank, sizes, strides = iteration_layout(shape, ({', '.join(xs)}, *grads, {', '.join(dxs)}))")
     w("    n = math.prod(shape)")
     w("    if n > 0:")
     w("        block = block_size(n)")
@@ -324,22 +329,13 @@ def render(region: Region, op_name: str) -> str:
     w(f"def _fake({sig}):")
     w(f"    outs = reference({args})")
     w(f"    return {'outs' if many else 'outs[0]'}\n\n")
-    gsig = ", ".join(f"{g}: Optional[Tensor]" for g in gs)
+    gsig = ", ".join(f"{g}: Tensor" for g in gs)
     gret = "Tensor" if len(xs) == 1 else f"tuple[{', '.join(['Tensor'] * len(xs))}]"
     w(f'@torch.library.custom_op(OP + "_bwd", mutates_args=())')
     w(f"def fused_backward({sig}, {gsig}) -> {gret}:")
-    w('    """Gradients for every input (zeros where none flows): `fused_bwd` when the inputs suit it, else')
-    w('    autograd through the reference. An op of its own so that torch.compile traces the backward too."""')
-    w(f"    inputs = ({args},)")
-    w(f"    grads = ({', '.join(gs)},)")
-    w(f"    if fusable_inputs({args}) and len({{x.dtype for x in inputs}}) == 1 and all(")
-    w("            g is None or g.dtype == x0.dtype for g in grads):")
-    w("        dxs = launch_bwd(*inputs, grads)")
-    w("        if dxs is None:")
-    w("            dxs = reference_vjp(reference, inputs, grads)")
-    w("    else:")
-    w("        dxs = reference_vjp(reference, inputs, grads)")
-    w("    dxs = tuple(torch.zeros_like(x) if d is None else d for d, x in zip(dxs, inputs))")
+    w('    """Gradients for every input through `fused_bwd`; an op of its own so that torch.compile traces the')
+    w('    backward too. Called only where `bwd_layout` holds."""')
+    w(f"    dxs = launch_bwd({args}, ({', '.join(gs)},))")
     w(f"    return {'dxs' if len(xs) > 1 else 'dxs[0]'}\n\n")
     w("@fused_backward.register_fake")
     w(f"def _fake_backward({sig}, {gsig}):")
@@ -348,9 +344,10 @@ def render(region: Region, op_name: str) -> str:
     w("    ctx.save_for_backward(*inputs)\n\n")
     w("def _backward(ctx, *grads):")
     w("    inputs = ctx.saved_tensors")
+    w("    if bwd_layout(inputs, grads) is None:")
+    w("        return reference_vjp(reference, inputs, grads)")
     w(f"    dxs = torch.ops.{op_name.replace('::', '.')}_bwd(*inputs, *grads)")
-    w(f"    dxs = {'dxs' if len(xs) > 1 else '(dxs,)'}")
-    w("    return tuple(d if x.is_floating_point() else None for d, x in zip(dxs, inputs))\n\n")
+    w(f"    return {'dxs' if len(xs) > 1 else '(dxs,)'}\n\n")
     w("fused.register_autograd(_backward, setup_context=_setup)")
     return "\n".join(lines) + "\n"
 
@@ -363,8 +360,9 @@ def load(region: Region) -> tuple[ModuleType, Path]:
     folder = cache_dir()
     path = folder / f"fused_{digest}.py"
     name = f"routec_fused_{digest}"
-    if name in sys.modules:
-        return sys.modules[name], path
+    if name in sys.modules:  # already registered in this process (the op registry is global)
+        module = sys.modules[name]
+        return module, Path(module.__file__ or path)
     if not path.is_file() or path.read_text(encoding="utf-8") != source:
         folder.mkdir(parents=True, exist_ok=True)
         tmp = folder / f".fused_{digest}.{os.getpid()}.tmp"
