@@ -191,7 +191,13 @@ def bind_model_params(el: Elaborator, d: ast.Definition, params: dict[str, Any])
 
 
 def coerce_param(el: Elaborator, d: ast.Definition, p: ast.Param, value: Any) -> Any:
-    """Command-line values arrive as strings: read them by the parameter's type."""
+    """Command-line values arrive as strings: read them by the parameter's type; numpy and 0-d torch
+    scalars (a sweep's `np.int64(64)`) count as the Python number they hold."""
+    if not isinstance(value, (str, bool, int, float, list, tuple)) and callable(getattr(value, "item", None)):
+        try:
+            value = value.item()
+        except (ValueError, RuntimeError, TypeError):  # not a scalar: reported by the type check
+            pass
     if not isinstance(value, str) or p.type == "str":
         return value
     text = value.strip()
