@@ -120,3 +120,18 @@ def test_python_keywords_as_input_names_compile():
                          "    out def + class\n}\n", "keywords.route")
     x = torch.randn(2, 4)
     assert torch.equal(net(x, 2 * x), 3 * x)
+
+
+def test_numpy_and_torch_scalars_are_parameter_values(monkeypatch):
+    """A sweep's `np.int64(16)` is an int; a tensor with several values is still a type error."""
+    import numpy as np
+    import torch
+
+    monkeypatch.chdir(SEMANTIC)
+    text = (SEMANTIC / "override_param_type.route").read_text()
+    net = compile_source(text, "override_param_type.route", d=np.int64(16), depth=torch.tensor(3))
+    assert net.state_dict()["layers.2.linear.weight"].shape == (16, 16)
+    assert "layers.3.linear.weight" not in net.state_dict()
+    with pytest.raises(RouteError) as info:
+        compile_source(text, "override_param_type.route", d=torch.ones(2))
+    assert info.value.codes == ["R113"]
