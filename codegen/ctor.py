@@ -40,10 +40,10 @@ def construct(cls: type, *args: Any, **kwargs: Any) -> Any:
 
 def recorded(cls: type) -> type:
     """Class decorator: every instance of exactly `cls` remembers the arguments it was built with."""
-    init = cls.__init__
+    init = cls.__dict__.get("__init__") or cls.__init__  # type: ignore[misc]
 
     @functools.wraps(init)
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    def __init__(self: nn.Module, *args: Any, **kwargs: Any) -> None:
         init(self, *args, **kwargs)
         if type(self) is cls:
             _record(self, Ctor(cls, args, dict(kwargs)))

@@ -63,7 +63,7 @@ def transpose(x: torch.Tensor, a: int, b: int) -> torch.Tensor:
 
 
 def permute(x: torch.Tensor, dims: Sequence[int]) -> torch.Tensor:
-    return x.permute(dims)
+    return x.permute(tuple(dims))
 
 
 def split(x: torch.Tensor, sizes: Any, dim: int = -1) -> tuple[torch.Tensor, ...]:

@@ -216,9 +216,8 @@ class _Emitter:
             elif isinstance(child, torch.Tensor):
                 value, note = self.tensor_value(child)
                 lines.append(f"{self.expr(owner)}.register_buffer({name!r}, {value})" + (f"  # {note}" if note else ""))
-            elif ctor_of(child) is not None:
-                ctor = ctor_of(child)
-                if any(isinstance(v, fx.GraphModule) for v in _flat(ctor.args, ctor.kwargs)):
+            elif isinstance(child, nn.Module) and ctor_of(child) is not None:
+                if _graph_modules(ctor_of(child)):
                     deferred.append((owner, name, child))
                 else:
                     lines.append(self.assign(owner, name, self.construct(child, child_path)))
@@ -230,6 +229,7 @@ class _Emitter:
                     self.lists.add(child_path)
                     lines.append(self.assign(owner, name, f"nn.ModuleList(nn.Module() for _ in range({len(keys)}))"))
                     for key, item in child._modules.items():
+                        assert item is not None
                         self.paths[id(item)] = f"{child_path}.{key}"
                         self._tree(item, f"{child_path}.{key}", lines, deferred, built=False)
                 else:
@@ -263,7 +263,10 @@ class _Emitter:
         role = "step" if len(_graph_modules(ctor)) == 1 else "branch"
         args = [self.literal(a, path, role) for a in ctor.args]
         args += [f"{k}={self.literal(v, path, role)}" for k, v in ctor.kwargs.items()]
-        return f"{self.ref(ctor.cls)}({', '.join(args)})"
+        call = f"{self.ref(ctor.cls)}({', '.join(args)})"
+        if len(call) <= 80:
+            return call
+        return f"{self.ref(ctor.cls)}(\n" + "".join(f"    {a},\n" for a in args) + ")"
 
     # ------------------------------------------------------------------ graphs
 
@@ -302,7 +305,7 @@ class _Emitter:
         what = (f"The step of the scan `{owner}`" if role == "step"
                 else f"Branch {role[len('branch'):]} of the route `{owner}`: runs on the rows that chose it")
         init = "\n".join(["def __init__(self, root: nn.Module):", "    super().__init__()"]
-                         + [f"    {line}" for line in lines])
+                         + [_indent(line) for line in lines])
         self.helpers.append(
             f"class {name}(nn.Module):\n"
             f'    """{what}; its modules are the model\'s own (`root`)."""\n\n'
@@ -374,7 +377,7 @@ class _Emitter:
         cls = (
             f"class {self.name}(nn.Module):\n"
             f'    """The compiled `{net.spec_name}`: modules at their spec paths, `graph` from the fx graph."""\n\n'
-            + _indent("\n".join(["def __init__(self):", "    super().__init__()"] + [f"    {x}" for x in init]))
+            + _indent("\n".join(["def __init__(self):", "    super().__init__()"] + [_indent(x) for x in init]))
             + "\n\n" + graph + "\n\n" + _indent("\n".join(forward)) + "\n"
         )
         parts = [doc, "\n".join(["from __future__ import annotations", ""] + imports + froms + ["", codegen]
@@ -394,6 +397,7 @@ def _flat(args: tuple, kwargs: dict) -> Iterator[Any]:
 
 
 def _graph_modules(ctor: Any) -> list[fx.GraphModule]:
+    """The nested graphs among a constructor's arguments (route branches, a scan step)."""
     return [v for v in _flat(ctor.args, ctor.kwargs) if isinstance(v, fx.GraphModule)]
 
 

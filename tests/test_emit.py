@@ -204,7 +204,8 @@ def test_emitted_source_reads_as_the_spec(tmp_path):
     multitask = emit_module(load(ROOT / "examples" / "multitask.route"), "multitask.route")
     assert "class _MultiTask_route_g_branch1(nn.Module):" in multitask
     assert "self.small.adapter.linear = root.small.adapter.linear" in multitask
-    assert "self.route_g = runtime.BranchRoute([_MultiTask_route_g_branch0(self)," in multitask
+    assert "self.route_g = runtime.BranchRoute(\n" in multitask
+    assert "[_MultiTask_route_g_branch0(self), _MultiTask_route_g_branch1(self)," in multitask
     compile(source, "moe_routec.py", "exec")
 
 
