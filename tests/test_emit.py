@@ -262,3 +262,17 @@ def test_fused_graph_is_refused_with_a_reason(tmp_path, monkeypatch):
     assert any(str(getattr(n.target, "namespace", "")).startswith("routec_fused") for n in net.graph.nodes)
     with pytest.raises(EmitError, match="generated kernel .* compile with fuse=False"):
         emit_module(net, "multitask.route")
+
+
+def test_rebuilt_module_compiles_fullgraph(tmp_path):
+    """The emitted module is as traceable as the compiled one: torch.compile(fullgraph=True) gives the same
+    outputs (the routing modules and custom ops are the same objects of routec.codegen)."""
+    path = ROOT / "examples" / "moe.route"
+    net = load(path)
+    _, rebuilt = emitted(net, path, tmp_path)
+    rebuilt.eval()
+    xs = inputs_for(net)
+    with torch.no_grad():
+        want = rebuilt(*xs)
+        got = torch.compile(rebuilt, backend="eager", fullgraph=True)(*xs)
+    assert_same(want, got)
