@@ -156,7 +156,8 @@ def _sigmoid(x):
 
 @triton.jit
 def _mr_linear_fwd_kernel(
-    a_ptr, b_ptr, routes_ptr, w_ptr, y_ptr,  # a, b: [(R,) Bt, L, D]; routes: [R, L]; w: [Bt, (L,) R]; y: [Bt, L, D] fp32
+    a_ptr, b_ptr, routes_ptr, w_ptr, y_ptr,  # a, b: [(R,) Bt, L, D]; routes: [R, L]; w: [Bt, (L,) R]
+    # y: [Bt, L, D] fp32
     L, D, R, a_rs, b_rs, w_sb, w_sl,
     HAS_W: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
@@ -374,7 +375,8 @@ def _mr_selective_bwd_kernel(
         bias = tl.load(bias_ptr + d, mask=dmask, other=0.0).to(tl.float32)
     for r in range(R):
         r64 = zero64 + r
-        u_r, delta_r, B_r, C_r, z_r = u_ptr + r64 * u_rs, delta_ptr + r64 * delta_rs, B_ptr + r64 * B_rs, C_ptr + r64 * C_rs, z_ptr + r64 * z_rs
+        u_r, delta_r, z_r = u_ptr + r64 * u_rs, delta_ptr + r64 * delta_rs, z_ptr + r64 * z_rs
+        B_r, C_r = B_ptr + r64 * B_rs, C_ptr + r64 * C_rs
         A = tl.load(A_ptr + r64 * A_rs + d[:, None] * N + n[None, :], mask=m2, other=0.0).to(tl.float32)
         h = tl.zeros([BLOCK_D, NP], dtype=tl.float32)
         for c in range(n_chunks):
@@ -444,14 +446,16 @@ def _mr_selective_bwd_kernel(
                 gy0 = gy * gate
                 gD += gy0 * u
                 gu = gy0 * Dv
-                tl.atomic_add(gC_ptr + pid_d * gC_blk + r64 * C_rs + offn, tl.sum(gy0[:, None] * h, axis=0), mask=nvalid)
+                gC = tl.sum(gy0[:, None] * h, axis=0)  # [NP], this channel block's share
+                tl.atomic_add(gC_ptr + pid_d * gC_blk + r64 * C_rs + offn, gC, mask=nvalid)
                 gh += gy0[:, None] * Cv[None, :]
-                gdA = gh * h_prev * dA
+                gdA = gh * h_prev * dA  # dL/d(dt * A)
                 gA += gdA * dt[:, None]
                 ghB = tl.sum(gh * Bv[None, :], axis=1)
                 gdt = tl.sum(gdA * A, axis=1) + ghB * u
                 gu += ghB * dt
-                tl.atomic_add(gB_ptr + pid_d * gB_blk + r64 * B_rs + offn, tl.sum(gh * (dt * u)[:, None], axis=0), mask=nvalid)
+                gB = tl.sum(gh * (dt * u)[:, None], axis=0)
+                tl.atomic_add(gB_ptr + pid_d * gB_blk + r64 * B_rs + offn, gB, mask=nvalid)
                 gh = gh * dA
                 if SOFTPLUS:
                     gx = tl.where(x > 20.0, gdt, gdt * _sigmoid(x))
@@ -591,7 +595,9 @@ def multi_route_selective_scan_triton(u, delta, A, B, C, D, z, delta_bias, route
     return y.to(u.dtype)
 
 
-def multi_route_selective_scan_triton_backward(u, delta, A, B, C, D, z, delta_bias, routes, weights, delta_softplus, gy):
+def multi_route_selective_scan_triton_backward(
+    u, delta, A, B, C, D, z, delta_bias, routes, weights, delta_softplus, gy
+):
     (Bt, L, Dm, N, R), ptrs, strides, flags = _selective_args(u, delta, A, B, C, D, z, delta_bias, routes, weights)
     cfg = _selective_blocks(L, Dm, N)
     CHUNK = min(64, triton.next_power_of_2(L))

@@ -6,8 +6,10 @@ one program per block of BLOCK_B (>= 16) batch rows, loads the recurrent weight 
 registers for the whole time loop and does `h @ W.T` with `tl.dot` (fp32 accumulation). The dots use
 input_precision="tf32x3": three TF32 tensor-core products, about fp32 accuracy, so long recurrences do not
 drift as with plain TF32, while IEEE-fp32 (FMA) dots spill the n = 128 tiles to local memory (seen in the
-sm_90 resource usage of both). The hidden size is padded to a power of two NP >= 16 with masks. This holds while the weights fit on chip: n <= MAX_N = 128 (GRU: three n x n tiles, LSTM: four);
-for larger n the ops fall back to the reference with a warning saying so.
+sm_90 resource usage of both). The hidden size is padded to a power of two NP >= 16 with masks. This holds
+while the weights fit on chip: n <= MAX_N = 128 (GRU: three n x n tiles, LSTM: four; the n = 128 backward
+kernels already spill part of their dW accumulators); for larger n the ops fall back to the reference with a
+warning saying so.
 
     leaky_rnn_scan: h[t] = h[t-1] + (act(h[t-1] @ w_rec.T + x_proj[t]) - h[t-1]) / tau
     gru_scan:       torch.nn.GRUCell equations, gates (r, z, n) in that order along the 3n axis
