@@ -53,8 +53,9 @@ def rule_of(node: fx.Node) -> Optional[Rule]:
     if node.op != "call_function" or node.kwargs:
         return None
     if node.target is operator.pow:
-        if len(node.args) == 2 and isinstance(node.args[0], fx.Node) and _number(node.args[1]):
-            return POWERS.get(float(node.args[1]))
+        exponent = node.args[1] if len(node.args) == 2 else None
+        if isinstance(node.args[0], fx.Node) and isinstance(exponent, (int, float)) and _number(exponent):
+            return POWERS.get(float(exponent))
         return None
     try:
         rule = RULES.get(node.target)
@@ -148,6 +149,7 @@ def describe(nodes: list[fx.Node]) -> tuple[Region, list[fx.Node], list[fx.Node]
                     inputs.append(a)
                 operands.append(("x", inputs.index(a)))
             else:
+                assert isinstance(a, (int, float))  # rule_of admits only nodes and numbers
                 operands.append(("c", a))
         if n.target is operator.pow:
             operands = operands[:1]

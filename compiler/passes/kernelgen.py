@@ -27,7 +27,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
-from typing import Any, Optional, Union
+from typing import Any, Union
 
 import torch
 import torch.nn.functional as F
@@ -380,7 +380,7 @@ def load(region: Region) -> tuple[ModuleType, Path]:
     return module, path
 
 
-def op_of(module: ModuleType) -> Optional[Any]:
+def op_of(module: ModuleType) -> Any:
     """The `OpOverload` a fused graph node calls."""
     namespace, _, name = module.OP.partition("::")
     return getattr(getattr(torch.ops, namespace), name).default
