@@ -200,8 +200,9 @@ def cmd_compile(args: argparse.Namespace) -> int:
     from .pipeline import dump
 
     stage = args.dump_after or ("emit" if args.output else "code")
-    # The standalone module (`emit`) does not carry generated kernels yet, so only `fuse` runs the pass.
-    net = build(args, fuse=stage == "fuse")
+    # `fuse` always runs the pass; the standalone module (`emit`, which carries the generated kernels) fuses
+    # when the kernels will run as Triton (as `load` does); the other stages show the unfused graph.
+    net = build(args, fuse={"fuse": True, "emit": None}.get(stage, False))
     text = dump(net, stage, spec_path(args.spec), parse_params(args.param))
     if args.output:
         Path(args.output).write_text(text + "\n", encoding="utf-8")

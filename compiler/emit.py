@@ -9,15 +9,20 @@ The file holds one `nn.Module` class for the compiled model:
   `RoutedModule` (train and eval).
 * Nested graphs (the branches of a `route … to { … }`, the step of a `scan`) become helper classes whose
   modules are the model's own (shared, as in the compiled model).
+* A fused graph's generated kernel modules (`compiler.passes.kernelgen`) are embedded, their names prefixed
+  per region, each registered once per process.
 
-It imports torch and `routec.codegen` only (DESIGN §1): every function a graph calls lives there.
+It imports torch, triton (for fused kernels) and `routec.codegen` only (DESIGN §1): every function a graph
+calls lives there.
 """
 
 from __future__ import annotations
 
+import ast
 import keyword
 import math
 import re
+import sys
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
@@ -65,6 +70,7 @@ class _Emitter:
         self.lists: set[str] = set()  # container paths written as nn.ModuleList
         self.helpers: list[str] = []
         self.helper_names: dict[int, str] = {}
+        self.kernels: dict[str, str] = {}  # fused op name → its embedded generated module
 
     # ------------------------------------------------------------------ naming
 
@@ -273,9 +279,8 @@ class _Emitter:
     def graph_code(self, gm: fx.GraphModule, method: str) -> tuple[str, list[str]]:
         """The graph as a method named `method` (source, indented for a class body) and its inputs."""
         for node in gm.graph.nodes:
-            if node.op == "call_function" and str(getattr(node.target, "namespace", "")).startswith("routec_fused"):
-                raise EmitError(f"the graph calls the generated kernel `{node.target}` of the fusion pass; the "
-                                f"emitted file does not carry generated kernels: compile with fuse=False")
+            if node.op == "call_function" and str(getattr(node.target, "namespace", "")) == "routec_fused":
+                self.fused_region(str(node.target).split(".")[1])
         code = gm.graph.python_code(root_module="self")
         src = code.src.strip("\n")
         for name, obj in code.globals.items():
@@ -325,6 +330,54 @@ class _Emitter:
             else:
                 raise EmitError(f"a nested graph holds `{name}` ({type(child).__name__}), which the model lacks")
 
+    def fused_region(self, op: str) -> None:
+        """Embed the generated module of the fused region `routec_fused::<op>` (kernels, launchers, custom op).
+
+        Its top-level names get the prefix `_<op>_` so that regions do not collide, its imports join the
+        file's, and it is registered only when this process has not registered the op already (the op
+        registry is global; the compiler may have loaded the same region)."""
+        if op in self.kernels:
+            return
+        module = sys.modules.get(f"routec_fused_{op[len('r_'):]}")
+        path = getattr(module, "__file__", None)
+        if module is None or path is None or getattr(module, "OP", None) != f"routec_fused::{op}":
+            raise EmitError(f"the generated module of the fused op routec_fused::{op} is not loaded")
+        tree = ast.parse(Path(path).read_text(encoding="utf-8"))
+        body = list(tree.body)
+        doc = ""
+        if body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant) \
+                and isinstance(body[0].value.value, str):
+            doc = body.pop(0).value.value  # type: ignore[attr-defined]
+        defined: set[str] = set()
+        kept = []
+        for stmt in body:
+            if isinstance(stmt, (ast.Import, ast.ImportFrom)):
+                names = [a.name for a in stmt.names] if isinstance(stmt, ast.Import) else [stmt.module or ""]
+                for name in names:
+                    if not (name.split(".")[0] in ("torch", "triton", "math", "typing", "__future__")
+                            or name.startswith("routec.codegen")):
+                        raise EmitError(f"the fused region {op} imports {name}")
+                self.imports.add(ast.unparse(stmt))
+                continue
+            if isinstance(stmt, (ast.FunctionDef, ast.ClassDef)):
+                defined.add(stmt.name)
+            elif isinstance(stmt, (ast.Assign, ast.AnnAssign)):
+                targets = stmt.targets if isinstance(stmt, ast.Assign) else [stmt.target]
+                defined.update(t.id for t in targets if isinstance(t, ast.Name))
+            kept.append(stmt)
+        prefix = f"_{op}_"
+        for node in ast.walk(ast.Module(body=kept, type_ignores=[])):
+            if isinstance(node, ast.arg) and node.arg in defined:
+                raise EmitError(f"the fused region {op} uses `{node.arg}` both as a global and an argument")
+            if isinstance(node, ast.Name) and node.id in defined:
+                node.id = prefix + node.id
+            elif isinstance(node, (ast.FunctionDef, ast.ClassDef)) and node.name in defined:
+                node.name = prefix + node.name
+        code = "\n\n".join(ast.unparse(stmt) for stmt in kept)
+        comment = "\n".join(f"# {line}".rstrip() for line in doc.strip().splitlines())
+        self.kernels[op] = (f"{comment}\nif not hasattr(torch.ops.routec_fused, {op!r}):  # once per process\n"
+                            f"{_indent(code)}")
+
     # ------------------------------------------------------------------ the file
 
     def module_source(self, spec: str, params: dict) -> str:
@@ -360,11 +413,12 @@ class _Emitter:
         outputs = "a tensor" if eval_type is None else f"{eval_type.__name__} (eval)"
         if train_type is not None:
             outputs += f", {train_type.__name__} (training)"
+        needs = "torch, triton and routec.codegen" if self.kernels else "torch and routec.codegen"
         doc = (
             f'"""`{net.spec_name}` from {Path(spec).name}'
             + (f" ({setting})" if setting else "") + f", written by routec {version()} (`routec compile`).\n\n"
             f"A standalone rebuild of the compiled network: the same modules at the same paths (so the compiled\n"
-            f"module's state_dict loads), the same graph, the same outputs. Needs torch and routec.codegen only.\n\n"
+            f"module's state_dict loads), the same graph, the same outputs. Needs {needs} only.\n\n"
             f"Inputs:\n{described}\n"
             f"Output: {outputs}.\n"
             f'"""'
@@ -380,11 +434,11 @@ class _Emitter:
             + _indent("\n".join(["def __init__(self):", "    super().__init__()"] + [_indent(x) for x in init]))
             + "\n\n" + graph + "\n\n" + _indent("\n".join(forward)) + "\n"
         )
-        parts = [doc, "\n".join(["from __future__ import annotations", ""] + imports + froms + ["", codegen]
+        parts = [doc, "\n".join(imports + froms + ["", codegen]
                                 + ([""] + defs if defs else []))]
         if types:
             parts.append("\n".join(types))
-        parts += self.helpers + [cls]
+        parts += list(self.kernels.values()) + self.helpers + [cls]
         return "\n\n\n".join(p.rstrip("\n") for p in parts) + "\n"
 
 
