@@ -155,6 +155,28 @@ def test_fused_equals_unfused(name, batch, length, monkeypatch, triton_backend):
 
 
 @needs_triton
+def test_example_multitask(triton_backend, monkeypatch):
+    """examples/multitask.route: `h + MLP(d, 2 * d)(h) * scale` after a keyed route becomes one kernel."""
+    from pathlib import Path
+
+    from routec.compiler import load
+
+    spec = Path(__file__).resolve().parents[1] / "examples" / "multitask.route"
+    torch.manual_seed(0)
+    plain = load(spec, fuse=False)
+    torch.manual_seed(0)
+    fused = load(spec, fuse=True)
+    assert (count_elementwise(plain.graph), count_elementwise(fused.graph)) == (2, 0)
+    x, task = torch.randn(3, 5, 32), torch.tensor([0, 2, 1])
+    monkeypatch.setenv("ROUTEC_BACKEND", "reference")
+    want = plain(x, task)
+    monkeypatch.setenv("ROUTEC_BACKEND", "triton")
+    got = fused(x, task)
+    for name in want._fields:
+        torch.testing.assert_close(getattr(got, name), getattr(want, name), rtol=1e-5, atol=1e-5)
+
+
+@needs_triton
 def test_gate_against_a_hand_written_formula(triton_backend):
     """The fused model against the spec's formula computed element by element with `math`."""
     net = build(GATE, True)
