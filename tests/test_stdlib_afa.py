@@ -6,7 +6,8 @@ spec's [recon]; the ensembling itself — every block of every model reads F̄_{
 features, F̄_b = Σ_n softmax_n(A_b^n) ⊙ F_b^n — is the paper's.
 
 The spec needs GroupNorm, arange, sin and cos, which the language lacks: building the routec module fails
-with RouteError, so the comparisons with it are xfail (strict). The reference is checked on its own.
+with RouteError, so the whole-model comparisons are xfail (strict). The aggregator (SABW, which needs none
+of them) is compiled alone and verified, and the reference is checked on its own.
 """
 
 from __future__ import annotations
@@ -185,6 +186,23 @@ def test_identical_models_reduce_to_one_denoiser():
         h4 = m.block("up0", h3, temb, prompt, skip=h0)
         want = m.block("conv_out", h4, temb, prompt)
         torch.testing.assert_close(ref(latent, t, prompt), want)
+
+
+def test_spec_aggregator_matches_reference():
+    """The spec's SABW block compiles on its own today: same per-location weights and aggregate."""
+    from routec.compiler import load
+
+    torch.manual_seed(5)
+    c, hid, tdim, heads, ctx_dim, size = 3, 6, 8, 2, 5, 4
+    net = load("stdlib:afa", model="SABW", c=c, hid=hid, tdim=tdim, heads=heads, ctx_dim=ctx_dim, size=size)
+    ref = SABW(c, hid, tdim, heads, ctx_dim)
+    ref.load_state_dict({routec_to_reference(f"agg_in.{k}").removeprefix("sabw.conv_in."): v.clone()
+                         for k, v in net.state_dict().items()}, strict=True)
+    feats = [torch.randn(2, c, size, size) for _ in range(MODELS)]
+    temb, prompt = torch.randn(2, tdim), torch.randn(2, 3, ctx_dim)
+    with torch.no_grad():
+        torch.testing.assert_close(net(torch.cat(feats, 1), temb, prompt), ref(feats, temb, prompt),
+                                   atol=1e-5, rtol=1e-4)
 
 
 RES = {"groupnorm": "norm1", "conv2d": "conv1", "linear": "time_emb_proj", "groupnorm_1": "norm2",

@@ -7,7 +7,8 @@ numpy's linspace/round as create_mask_tasks does and indexed by t, adaLN-Zero mo
 official order. No randomness at inference (label dropout is the caller's business, see the spec header).
 
 The spec needs `arange`, `sin` and `cos`, which the language lacks: building the routec module fails with
-RouteError, so the comparisons with it are xfail (strict). The reference is still checked on its own.
+RouteError, so the whole-model comparisons are xfail (strict). The routed block itself (DTRBlock, which
+needs none of them) is compiled alone and verified, and the reference is checked on its own.
 """
 
 from __future__ import annotations
@@ -155,6 +156,38 @@ def test_reference_block_routes_and_bypasses():
         torch.testing.assert_close(blk(x + bump, c, m) - blk(x, c, m), bump)
         bump[..., 3] = 1.0  # a routed channel: the whole output moves
         assert not torch.allclose(blk(x + bump, c, m) - blk(x, c, m), bump)
+
+
+def test_spec_block_routes_like_the_reference():
+    """The spec's DTRBlock (the routed block with its identity bypass) compiles on its own today: given the
+    same mask it matches the official DiTBlock + TaskRouter, for a sliding-window mask per sample."""
+    from routec.compiler import load
+
+    torch.manual_seed(4)
+    d, heads = 8, 2
+    net = load("stdlib:dtr", model="DTRBlock", d=d, heads=heads, hidden=4 * d)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.normal_(0.0, 0.3)
+    ref = RefDiTBlock(d, heads, 4)
+    state, qkv = {}, {}
+    for name, value in net.state_dict().items():
+        for key, v in routec_to_reference(f"layers.0.blk.{name}", value).items():
+            key = key.removeprefix("blocks.0.")
+            if "#" in key:
+                base, part = key.split("#")
+                qkv.setdefault(base, {})[int(part)] = v
+            else:
+                state[key] = v.clone()
+    for base, pieces in qkv.items():
+        state[base] = torch.cat([pieces[i] for i in range(3)], 0)
+    ref.load_state_dict(state, strict=True)
+    table = create_mask_tasks(10, d, 0.5, 4.0)
+    t = torch.tensor([0, 6, 9])
+    x, c, mask = torch.randn(3, 5, d), torch.randn(3, d), table[t]
+    assert not torch.equal(mask[0], mask[2])  # different timesteps route different channels
+    with torch.no_grad():
+        torch.testing.assert_close(net(x, c, mask), ref(x, c, mask[:, None]), atol=1e-5, rtol=1e-4)
 
 
 def routec_to_reference(name: str, value: torch.Tensor) -> dict[str, torch.Tensor]:
