@@ -1,0 +1,224 @@
+"""stdlib:dynamax against an independent PyTorch early-exit Mamba LM written from the DYNAMAX description
+(arXiv 2504.20922; ARCHITECTURES.md #20): pre-norm Mamba-1 blocks (the mixer written from the Mamba paper /
+HF `MambaMixer.slow_forward`, step-by-step selective scan), exit classifiers (linear, FFN or Mamba block) at the
+last position of the second-half layers, confidence σ(clf(h_l)) ≥ τ, the token's logits from the shared LM
+head on the final RMSNorm. Eval: per sequence, the first layer whose confidence passes τ (else the last layer).
+"""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+SMALL = dict(vocab=23, d=16, depth=4, inner=32, state=4, exit_from=1)
+KINDS = ["linear", "ffn", "mamba"]
+
+
+class RefRMSNorm(nn.Module):
+    def __init__(self, d, eps=1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(d))
+
+    def forward(self, x):
+        return self.weight * x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+
+
+class RefMamba(nn.Module):
+    def __init__(self, d, inner, state, conv=4):
+        super().__init__()
+        self.inner, self.state, self.rank = inner, state, math.ceil(d / 16)
+        self.in_proj = nn.Linear(d, 2 * inner, bias=False)
+        self.conv1d = nn.Conv1d(inner, inner, conv, groups=inner, padding=conv - 1)
+        self.x_proj = nn.Linear(inner, self.rank + 2 * state, bias=False)
+        self.dt_proj = nn.Linear(self.rank, inner)
+        self.A_log = nn.Parameter(torch.zeros(inner, state))
+        self.D = nn.Parameter(torch.ones(inner))
+        self.out_proj = nn.Linear(inner, d, bias=False)
+
+    def forward(self, x):  # [B, L, d]
+        L = x.shape[1]
+        xs, z = self.in_proj(x).chunk(2, -1)  # [B, L, inner]
+        u = F.silu(self.conv1d(xs.transpose(1, 2))[..., :L].transpose(1, 2))
+        dt, Bm, Cm = self.x_proj(u).split([self.rank, self.state, self.state], -1)
+        dt = F.softplus(self.dt_proj(dt))  # [B, L, inner]
+        A = -torch.exp(self.A_log)
+        h = x.new_zeros(x.shape[0], self.inner, self.state)
+        ys = []
+        for t in range(L):
+            h = torch.exp(dt[:, t, :, None] * A) * h + dt[:, t, :, None] * Bm[:, t, None, :] * u[:, t, :, None]
+            ys.append((h * Cm[:, t, None, :]).sum(-1) + self.D * u[:, t])
+        return self.out_proj(torch.stack(ys, 1) * F.silu(z))
+
+
+class RefClassifier(nn.Module):
+    def __init__(self, d, inner, state, kind):
+        super().__init__()
+        self.kind = kind
+        if kind == "linear":
+            self.fc = nn.Linear(d, 1)
+        elif kind == "ffn":
+            self.fc1, self.fc2 = nn.Linear(d, 4 * d), nn.Linear(4 * d, 1)
+        else:
+            self.mamba, self.fc = RefMamba(d, inner, state), nn.Linear(d, 1)
+
+    def forward(self, h):  # h [B, L, d] → confidence [B]
+        if self.kind == "linear":
+            s = self.fc(h[:, -1])
+        elif self.kind == "ffn":
+            s = self.fc2(F.gelu(self.fc1(h[:, -1])))
+        else:
+            s = self.fc(self.mamba(h)[:, -1])
+        return torch.sigmoid(s)[:, 0]
+
+
+class RefDynamax(nn.Module):
+    def __init__(self, vocab, d, depth, inner, state, exit_from, clf):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, d)
+        self.norms = nn.ModuleList(RefRMSNorm(d) for _ in range(depth))
+        self.mixers = nn.ModuleList(RefMamba(d, inner, state) for _ in range(depth))
+        self.exit_layers = list(range(exit_from, depth - 1))
+        self.clfs = nn.ModuleList(RefClassifier(d, inner, state, clf) for _ in self.exit_layers)
+        self.norm_f = RefRMSNorm(d)
+        self.lm_head = nn.Linear(d, vocab, bias=False)
+
+    def forward(self, ids):
+        """→ (logits of every exit then of the last layer [E+1, B, V], confidences [E, B])."""
+        x = self.embed(ids)
+        logits, conf = [], []
+        for l, (norm, mixer) in enumerate(zip(self.norms, self.mixers)):
+            x = x + mixer(norm(x))
+            if l in self.exit_layers:
+                logits.append(self.lm_head(self.norm_f(x)[:, -1]))
+                conf.append(self.clfs[self.exit_layers.index(l)](x))
+        logits.append(self.lm_head(self.norm_f(x)[:, -1]))
+        return torch.stack(logits), torch.stack(conf)
+
+
+def decode(logits, conf, tau):
+    """Per sequence: the first exit whose confidence is ≥ τ, else the last layer (a plain loop)."""
+    out, index = [], []
+    for b in range(logits.shape[1]):
+        e = next((i for i in range(conf.shape[0]) if conf[i, b] >= tau), conf.shape[0])
+        out.append(logits[e, b])
+        index.append(e)
+    return torch.stack(out), torch.tensor(index)
+
+
+def mamba_names(ours, theirs):
+    return {f"{ours}.{p}": f"{theirs}.{p}" for p in (
+        "A_log", "D", "in_proj.weight", "conv1d.weight", "conv1d.bias", "x_proj.weight", "dt_proj.weight",
+        "dt_proj.bias", "out_proj.weight")}
+
+
+def name_map(depth, exit_from, kind):
+    m = {"embedding.weight": "embed.weight", "norm_f.weight": "norm_f.weight", "lm_head.weight": "lm_head.weight"}
+    for l in range(depth):
+        p = f"layers.{l}." if l < depth - 1 else ""
+        m[f"{p}rmsnorm.weight"] = f"norms.{l}.weight"
+        m.update(mamba_names(f"{p}mambamixer", f"mixers.{l}"))
+    for e, l in enumerate(range(exit_from, depth - 1)):
+        p, q = f"layers.{l}.exitclassifier", f"clfs.{e}"
+        if kind == "linear":
+            m.update({f"{p}.linear.weight": f"{q}.fc.weight", f"{p}.linear.bias": f"{q}.fc.bias"})
+        elif kind == "ffn":
+            for a, b in (("mlp.fc1", "fc1"), ("mlp.fc2", "fc2")):
+                m.update({f"{p}.{a}.weight": f"{q}.{b}.weight", f"{p}.{a}.bias": f"{q}.{b}.bias"})
+        else:
+            m.update({f"{p}.linear.weight": f"{q}.fc.weight", f"{p}.linear.bias": f"{q}.fc.bias"})
+            m.update(mamba_names(f"{p}.mambamixer", f"{q}.mamba"))
+    return m
+
+
+@pytest.fixture(autouse=True)
+def reference_backend(monkeypatch):
+    monkeypatch.setenv("ROUTEC_BACKEND", "reference")
+
+
+def pair(kind, tau):
+    from routec.compiler import load
+
+    net = load("stdlib:dynamax", clf=kind, tau=tau, **SMALL)
+    ref = RefDynamax(clf=kind, **SMALL)
+    names = name_map(SMALL["depth"], SMALL["exit_from"], kind)
+    src, dst = dict(net.named_parameters()), dict(ref.named_parameters())
+    assert sorted(src) == sorted(names), sorted(set(src) ^ set(names))
+    assert sorted(dst) == sorted(names.values()), sorted(set(dst) ^ set(names.values()))
+    with torch.no_grad():
+        for ours, theirs in names.items():
+            dst[theirs].copy_(src[ours])
+    return net, ref
+
+
+def test_reference_rmsnorm_and_decode_by_hand():
+    torch.manual_seed(0)
+    x = torch.randn(3, 5)
+    torch.testing.assert_close(RefRMSNorm(5)(x), x / torch.sqrt((x * x).mean(-1, keepdim=True) + 1e-5))
+    logits = torch.arange(3 * 2 * 4.0).reshape(3, 2, 4)
+    conf = torch.tensor([[0.2, 0.95], [0.91, 0.1]])  # 2 exits, 2 sequences
+    out, index = decode(logits, conf, 0.9)
+    assert index.tolist() == [1, 0]
+    torch.testing.assert_close(out, torch.stack([logits[1, 0], logits[0, 1]]))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_eval_exits_match_reference(kind):
+    torch.manual_seed(1)
+    ids = torch.randint(0, SMALL["vocab"], (6, 5))
+    first, ref = pair(kind, 0.5)
+    ref.eval()
+    with torch.no_grad():
+        logits, conf = ref(ids)
+    tau = conf.flatten().median().item()  # a threshold that lets some sequences exit and others go on
+    from routec.compiler import load
+
+    for t in (tau, 0.0, 1.01):
+        net = load("stdlib:dynamax", clf=kind, tau=t, **SMALL)
+        net.load_state_dict(first.state_dict())
+        net.eval()
+        with torch.no_grad():
+            got = net(ids)
+        want, index = decode(logits, conf, t)
+        torch.testing.assert_close(got.exit_index, index)
+        torch.testing.assert_close(got.out, want, rtol=1e-5, atol=1e-5)
+        if t == 0.0:
+            assert torch.all(index == 0)
+        if t > 1:
+            assert torch.all(index == conf.shape[0])
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_train_step_returns_every_exit(kind):
+    torch.manual_seed(2)
+    net, ref = pair(kind, 0.9)
+    net.train()
+    ids = torch.randint(0, SMALL["vocab"], (4, 6))
+    out = net(ids)
+    logits, _ = ref(ids)
+    assert len(out.exits) == logits.shape[0]
+    for got, want in zip(out.exits, logits):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    target = torch.randint(0, SMALL["vocab"], (4,))
+    loss = sum(F.cross_entropy(e, target) for e in out.exits)
+    loss.backward()
+    assert torch.isfinite(loss)
+    for name, p in net.named_parameters():
+        if "exitclassifier" in name:
+            continue  # the classifiers are trained from their confidences (see the xfail below)
+        assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, name
+
+
+@pytest.mark.xfail(strict=True, reason="compiler lacks: training outputs do not include the exit rules' values, "
+                   "so DYNAMAX's exit classifiers (BCE on their confidences) never run in training")
+def test_train_mode_exposes_classifier_confidences():
+    torch.manual_seed(3)
+    net, ref = pair("linear", 0.9)
+    net.train()
+    ids = torch.randint(0, SMALL["vocab"], (4, 6))
+    out = net(ids)
+    conf = getattr(out, "gates", None)
+    assert conf is not None, "no classifier confidences in the training output"
+    torch.testing.assert_close(torch.stack(list(conf)), ref(ids)[1])
