@@ -126,6 +126,8 @@ def body_scope(scope: Scope, prefix: str) -> Scope:
 def try_fused(el: Elaborator, s: ast.Scan, scope: Scope, seq: Tensor, inits: list[Tensor],
               reverse: bool, prefix: str) -> Optional[dict[str, Tensor]]:
     """Lower a recognised single-state recurrence (plus `emit y = h`) to its fused op, or return None."""
+    if reads_whole_sequence(s, scope, seq):
+        return None  # the step loop gives it the step semantics (usually a state shape error)
     cell = match_cell(s)
     if cell is not None and not reverse:
         return lower_cell(el, s, scope, seq, inits, prefix, *cell)
@@ -169,6 +171,22 @@ def try_fused(el: Elaborator, s: ast.Scan, scope: Scope, seq: Tensor, inits: lis
     for e in emits:
         out[e.name] = Tensor(node, full)
     return out
+
+
+def reads_whole_sequence(s: ast.Scan, scope: Scope, seq: Tensor) -> bool:
+    """Whether the body reads a sequence [B, T, …] without `.t`. In a step that is the whole sequence, but the
+    fused lowerings evaluate `x.t` as the whole `x`, so they would silently read such an `x` as `x.t`."""
+    body = [n for stmt in s.body for n in ast.walk(stmt)]
+    stepped = {id(n.value) for n in body if isinstance(n, ast.Attribute) and n.attr == "t"}
+    for n in body:
+        if isinstance(n, ast.Name) and id(n) not in stepped and n.id not in s.states:
+            try:
+                v = scope.lookup(n.id)
+            except KeyError:
+                continue
+            if isinstance(v, Tensor) and len(v.shape) >= 2 and tuple(v.shape[:2]) == tuple(seq.shape[:2]):
+                return True
+    return False
 
 
 def match_cell(s: ast.Scan):
@@ -377,7 +395,9 @@ def step_loop(el: Elaborator, s: ast.Scan, scope: Scope, seq: Tensor, inits: lis
             if len(value.shape) != len(st.shape) or any(
                     isinstance(a, int) and isinstance(b, int) and a != b for a, b in zip(value.shape, st.shape)):
                 el.error("R166", f"scan state `{name}` is {render_shape(st.shape)} but the body assigns "
-                         f"{render_shape(value.shape)}", assignment_span(s, name))
+                         f"{render_shape(value.shape)}", assignment_span(s, name),
+                         help="`x.t` is the current step of a sequence `x`; `x` alone is the whole sequence"
+                         if len(value.shape) == len(st.shape) + 1 else None)
             new_states.append(value)
         emits = sub.names["__emits__"]
         extra = (frame.exit[1].node, frame.exit[2].node) if frame.exit is not None else ()
