@@ -55,3 +55,11 @@ def recorded(cls: type) -> type:
 def ctor_of(module: nn.Module) -> Optional[Ctor]:
     """The constructor call recorded for `module`, or None."""
     return module.__dict__.get(CTOR_ATTR)
+
+
+def recorded_like(value: Any, source: Any) -> Any:
+    """`value` with the constructor record of `source`, e.g. an `nn.Parameter` made from a recorded tensor."""
+    ctor = ctor_of(source)
+    if ctor is not None:
+        _record(value, ctor)
+    return value

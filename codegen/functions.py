@@ -224,3 +224,38 @@ def full_like_last(u: torch.Tensor, value: float) -> torch.Tensor:
 def per_neuron(tau: torch.Tensor, n: int) -> torch.Tensor:
     """A scalar or [n] time constant as [n]."""
     return tau.expand(n) if tau.dim() == 0 or tau.numel() == 1 else tau.reshape(n)
+
+
+# ---------------------------------------------------------------- initial values of `param`s
+
+
+def param_init(kind: str, shape: Sequence[int], *args: float, **kwargs: float) -> torch.Tensor:
+    """The initial value of `param w: [shape] = kind(args…)` (fp32). Raises LookupError for an unknown
+    `kind`, IndexError/ValueError/TypeError for bad arguments, RuntimeError when the shape does not fit."""
+    dims = tuple(shape)
+    if kind == "zeros":
+        return torch.zeros(dims)
+    if kind == "ones":
+        return torch.ones(dims)
+    if kind == "constant":
+        return torch.full(dims, float(args[0]))
+    if kind == "normal":
+        std = float(args[0]) if args else float(kwargs.get("std", 1.0))
+        mean = float(args[1]) if len(args) > 1 else float(kwargs.get("mean", 0.0))
+        return torch.randn(dims) * std + mean
+    if kind == "uniform":
+        lo, hi = (float(args[0]), float(args[1])) if len(args) == 2 else (
+            float(kwargs.get("low", -1.0)), float(kwargs.get("high", 1.0)))
+        return torch.empty(dims).uniform_(lo, hi)
+    if kind == "xavier":
+        return torch.nn.init.xavier_uniform_(torch.empty(dims))
+    if kind == "kaiming":
+        return torch.nn.init.kaiming_uniform_(torch.empty(dims), a=5 ** 0.5)
+    if kind == "arange":
+        start = float(args[0]) if args else 0.0
+        return (torch.arange(dims[-1], dtype=torch.float32) + start).expand(dims).clone()
+    if kind == "s4d_real":  # Mamba's A_log init: log(1 … N) along the last dim
+        return torch.log(torch.arange(1, dims[-1] + 1, dtype=torch.float32)).expand(dims).clone()
+    if kind == "linspace":
+        return torch.linspace(float(args[0]), float(args[1]), dims[-1]).expand(dims).clone()
+    raise LookupError(kind)

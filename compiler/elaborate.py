@@ -23,6 +23,7 @@ import torch.fx as fx
 from torch import nn
 
 from ..codegen import ops, runtime
+from ..codegen.ctor import construct, recorded_like
 from ..codegen.functions import (
     arange_like as _arange_like,
     dense_from_topk as _dense_from_topk,
@@ -31,6 +32,7 @@ from ..codegen.functions import (
     eye_like as _eye_like,
     ones_batch as _ones_batch,
     ones_for as _ones_for,
+    param_init,
     route_table_like as _route_table,
     softmax_last as _softmax_last,
 )
@@ -53,7 +55,7 @@ class _Poison:
 
 POISON: Any = _Poison()
 
-CONSTANTS = ("eye", "route_table")
+CONSTANTS = ("eye", "route_table", "arange")
 GATE_KINDS = ("topk", "softmax", "sigmoid", "threshold", "bernoulli", "gumbel", "argmax", "keyed")
 COMBINE_MODES = ("sum", "mean", "max", "concat")
 EXIT_RULES = ("confidence", "entropy")
@@ -355,6 +357,7 @@ class Elaborator:
         right = self.eval(e.right, scope)
         if left is POISON or right is POISON:
             return POISON
+        left, right = (v.weights if isinstance(v, GateValue) else v for v in (left, right))
         if isinstance(left, Tensor) or isinstance(right, Tensor):
             return self.tensor_binop(e, left, right)
         if isinstance(left, Dim) or isinstance(right, Dim):
@@ -746,6 +749,13 @@ class Elaborator:
             if isinstance(v, (Tensor, Dim)):
                 self.error("R115", f"`{kind}` takes parameters (numbers, strings), got {self.describe(v)}", span)
         like = self.like_tensor()
+        if kind == "arange":  # arange(n) or arange(start, end): float [n] (positions, frequencies)
+            if not 1 <= len(args) <= 2 or not all(isinstance(a, int) and not isinstance(a, bool) for a in args):
+                self.error("R115", "`arange(n)` or `arange(start, end)` takes ints", span)
+            start, end = (0, args[0]) if len(args) == 1 else args
+            if end <= start:
+                self.error("R115", f"`arange({start}, {end})` is empty", span)
+            return Tensor(self.call_function(_arange_float, (start, end), {"like": like}), (end - start,))
         if kind == "eye":
             if len(args) != 1 or not isinstance(args[0], int) or args[0] < 1:
                 self.error("R115", "`eye(n)` takes one size n ≥ 1", span)
@@ -925,7 +935,7 @@ class Elaborator:
             if parent_path and self.lookup_module(parent_path) is None:
                 self.register(parent_path, nn.Module())
             owner = self.lookup_module(parent_path) if parent_path else self.root
-            owner.register_parameter(leaf, nn.Parameter(data))
+            owner.register_parameter(leaf, recorded_like(nn.Parameter(data), data))
         scope.names[s.name] = Tensor(self.get_param_node(path), tuple(dims))
 
     def get_param_node(self, path: str) -> fx.Node:
@@ -955,37 +965,19 @@ class Elaborator:
             kwargs = {k.name: self.static(k.value, scope, "an initialiser argument")
                       for k in getattr(init, "kwargs", ())}
             try:
-                if fname == "zeros":
-                    return torch.zeros(dims)
-                if fname == "ones":
-                    return torch.ones(dims)
-                if fname == "constant":
-                    return torch.full(dims, float(args[0]))
-                if fname == "normal":
-                    std = float(args[0]) if args else float(kwargs.get("std", 1.0))
-                    mean = float(args[1]) if len(args) > 1 else float(kwargs.get("mean", 0.0))
-                    return torch.randn(dims) * std + mean
                 if fname == "uniform":
                     lo, hi = (float(args[0]), float(args[1])) if len(args) == 2 else (
                         float(kwargs.get("low", -1.0)), float(kwargs.get("high", 1.0)))
                     if not lo < hi:
                         self.error("R126", f"`uniform(low, high)` needs low < high, got {lo} and {hi}", init.span)
-                    return torch.empty(dims).uniform_(lo, hi)
-                if fname == "xavier":
-                    return nn.init.xavier_uniform_(torch.empty(dims))
-                if fname == "kaiming":
-                    return nn.init.kaiming_uniform_(torch.empty(dims), a=5 ** 0.5)
-                if fname == "arange":
-                    start = float(args[0]) if args else 0.0
-                    return (torch.arange(dims[-1], dtype=torch.float32) + start).expand(dims).clone()
-                if fname == "s4d_real":  # Mamba's A_log init: log(1 … N) along the last dim
-                    return torch.log(torch.arange(1, dims[-1] + 1, dtype=torch.float32)).expand(dims).clone()
-                if fname == "linspace":
-                    return torch.linspace(float(args[0]), float(args[1]), dims[-1]).expand(dims).clone()
+                # recorded, so that `routec compile` writes the same initialisation
+                return construct(param_init, fname, tuple(dims), *args, **kwargs)
             except (IndexError, ValueError, TypeError):
                 self.error("R126", f"bad arguments for initialiser `{fname}`", init.span)
             except RuntimeError as err:
                 self.error("R126", f"initialiser `{fname}` does not fit shape {list(dims)}: {err}", init.span)
+            except LookupError:  # not an initialiser
+                pass
         self.error("R126", "a parameter's initial value must be a number or one of "
                    + ", ".join(f"`{i}`" for i in INITIALISERS), init.span)
 

@@ -214,7 +214,10 @@ class _Emitter:
                 if isinstance(child, nn.Module):
                     self._tree(child, child_path, lines, deferred, built=True)
                 continue
-            if isinstance(child, nn.Parameter):
+            if isinstance(child, nn.Parameter) and ctor_of(child) is not None:  # a spec `param` initialiser
+                grad = "" if child.requires_grad else ", requires_grad=False"
+                lines.append(self.assign(owner, name, f"nn.Parameter({self.construct(child, child_path)}{grad})"))
+            elif isinstance(child, nn.Parameter):
                 value, note = self.tensor_value(child)
                 grad = "" if child.requires_grad else ", requires_grad=False"
                 lines.append(self.assign(owner, name, f"nn.Parameter({value}{grad})")
@@ -263,7 +266,7 @@ class _Emitter:
                 raise EmitError("nested graphs use each other in a cycle")
         return out
 
-    def construct(self, module: nn.Module, path: str) -> str:
+    def construct(self, module: Any, path: str) -> str:
         ctor = ctor_of(module)
         assert ctor is not None
         role = "step" if len(_graph_modules(ctor)) == 1 else "branch"
@@ -308,12 +311,12 @@ class _Emitter:
         self._shared_tree(gm, "", lines)
         body, _ = self.graph_code(gm, "forward")
         what = (f"The step of the scan `{owner}`" if role == "step"
-                else f"Branch {role[len('branch'):]} of the route `{owner}`: runs on the rows that chose it")
+                else f"Branch {role[len('branch'):]} of the route `{owner}`, run on the rows that chose it")
         init = "\n".join(["def __init__(self, root: nn.Module):", "    super().__init__()"]
                          + [_indent(line) for line in lines])
         self.helpers.append(
             f"class {name}(nn.Module):\n"
-            f'    """{what}; its modules are the model\'s own (`root`)."""\n\n'
+            f'    """{what}.\n\n    Its modules are the model\'s own (`root`), shared.\n    """\n\n'
             f"{_indent(init)}\n\n{body}\n"
         )
         return name
