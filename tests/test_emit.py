@@ -286,3 +286,26 @@ def test_rebuilt_module_compiles_fullgraph(tmp_path):
         want = rebuilt(*xs)
         got = torch.compile(rebuilt, backend="eager", fullgraph=True)(*xs)
     assert_same(want, got)
+
+
+def _sample(param):
+    if not param.required:
+        return None
+    return {"int": 4, "float": 0.5, "bool": True, "str": "gelu"}.get(param.type, 4)
+
+
+@pytest.mark.parametrize("name", sorted(__import__("routec.compiler.layers", fromlist=["LAYERS"]).LAYERS))
+def test_every_layer_records_its_constructor(name):
+    """`routec compile` can only write a layer whose construction was recorded: every LayerDef's factory
+    goes through codegen.ctor.construct (torch layers) or builds a @recorded class (routec layers)."""
+    from routec.compiler.layers import LAYERS
+
+    defn = LAYERS[name]
+    kwargs = {p.name: _sample(p) for p in defn.params if p.required}
+    kwargs.update({"PosEmbed": {"length": 4}}.get(name, {}))  # a learned table needs its length
+    module = defn.build(**kwargs)
+    ctor = ctor_of(module)
+    assert ctor is not None, f"{name}: built without a constructor record"
+    rebuilt = ctor.cls(*ctor.args, **ctor.kwargs)
+    assert type(rebuilt) is type(module)
+    assert {k: v.shape for k, v in rebuilt.state_dict().items()} == {k: v.shape for k, v in module.state_dict().items()}
