@@ -188,7 +188,8 @@ def test_eval_matches_reference():
     modules = dict(net.named_modules())
     seen: dict[str, list] = {}
     for j in range(SMALL["stages"]):  # the hard gates' 0/1 decisions
-        for name in [f"layers.{j}.row{i}.g_row.gate" for i in range(4)] + [f"layers.{j}.col{i}.g_col.gate" for i in (1, 2, 3)]:
+        rows = [f"layers.{j}.row{i}.g_row.gate" for i in range(4)]
+        for name in rows + [f"layers.{j}.col{i}.g_col.gate" for i in (1, 2, 3)]:
             seen[name] = []
             modules[name].register_forward_hook(lambda module, args, out, name=name: seen[name].append(out))
     torch.manual_seed(1)
@@ -199,7 +200,8 @@ def test_eval_matches_reference():
     torch.testing.assert_close(got if isinstance(got, torch.Tensor) else got[0], want, atol=1e-5, rtol=1e-4)
     for j in range(SMALL["stages"]):  # routec's routing decisions are the reference's
         for i in range(4):
-            torch.testing.assert_close(seen[f"layers.{j}.row{i}.g_row.gate"][-1].argmax(-1) == 1, ref.rows[j][i].last_gate)
+            run = seen[f"layers.{j}.row{i}.g_row.gate"][-1].argmax(-1) == 1
+            torch.testing.assert_close(run, ref.rows[j][i].last_gate)
         for i in (1, 2, 3):
             torch.testing.assert_close(seen[f"layers.{j}.col{i}.g_col.gate"][-1], ref.cols[j][i - 1].last_gate)
     row = ref.rows[0][0].last_gate

@@ -85,7 +85,7 @@ class RefDuoLLM(nn.Module):
 
 def routec_to_reference(name: str, value: torch.Tensor) -> dict[str, torch.Tensor]:
     """The explicit name map: one routec tensor → the reference tensor(s) it becomes."""
-    top = {"wte.weight": "wte.weight", "wpe.weight": "wpe.weight", "ln_f.weight": "ln_f.weight", "ln_f.bias": "ln_f.bias"}
+    top = {name: name for name in ("wte.weight", "wpe.weight", "ln_f.weight", "ln_f.bias")}
     if name in top:
         return {top[name]: value}
     m = re.fullmatch(r"layers\.(\d+)\.layer\.(.+)", name)

@@ -49,7 +49,8 @@ class RefBottleneck(nn.Module):
 
 
 def res_layer(cin, width, blocks, stride):
-    return nn.Sequential(RefBottleneck(cin, width, stride, True), *(RefBottleneck(4 * width, width, 1, False) for _ in range(blocks - 1)))
+    rest = (RefBottleneck(4 * width, width, 1, False) for _ in range(blocks - 1))
+    return nn.Sequential(RefBottleneck(cin, width, stride, True), *rest)
 
 
 class RefMultiHeadAttention(nn.Module):
@@ -149,7 +150,8 @@ class RefDynPerceiver(nn.Module):
         for i, c in enumerate(z_ch, start=1):
             setattr(self, f"dwc{i}_x2z", nn.Conv2d(c, c, 7, groups=c, padding=3))
             setattr(self, f"cross_att{i}_x2z", RefCrossAttentionLayer(c, c, rpb=pool * pool))
-            setattr(self, f"self_att{i}", nn.ModuleList(RefSelfAttentionLayer(heads[i - 1], c, widening) for _ in range(sa_layers[i - 1])))
+            layers = (RefSelfAttentionLayer(heads[i - 1], c, widening) for _ in range(sa_layers[i - 1]))
+            setattr(self, f"self_att{i}", nn.ModuleList(layers))
             if i > 1:
                 setattr(self, f"cross_att{i}_z2x", RefCrossAttentionLayer(c, c, c // 8, c // 8))
         self.last_cross_att_z2x = RefCrossAttentionLayer(c_out, z_ch[3], c_out // 8, c_out // 8)
@@ -157,10 +159,13 @@ class RefDynPerceiver(nn.Module):
         self.isc3 = nn.Sequential(nn.Linear(classes, z_ch[3]), nn.BatchNorm1d(z_ch[3]), nn.ReLU())
         self.classifier_att = nn.Linear(2 * z_ch[3], classes)
         self.isc4 = nn.Sequential(nn.Linear(classes, z_ch[3]), nn.BatchNorm1d(z_ch[3]), nn.ReLU())
-        self.classifier_merge = nn.Sequential(nn.BatchNorm1d(c_out + 2 * z_ch[3]), nn.Linear(c_out + 2 * z_ch[3], classes))
+        merged = c_out + 2 * z_ch[3]
+        self.classifier_merge = nn.Sequential(nn.BatchNorm1d(merged), nn.Linear(merged, classes))
         self.classifier_cnn = nn.Linear(c_out, classes)
         n = [latents, latents // 2, latents // 4, latents // 8]
-        self.token_expander = nn.ModuleList(nn.Sequential(nn.LayerNorm(z_ch[i]), nn.Linear(z_ch[i], z_ch[i + 1])) for i in range(3))
+        self.token_expander = nn.ModuleList(
+            nn.Sequential(nn.LayerNorm(z_ch[i]), nn.Linear(z_ch[i], z_ch[i + 1])) for i in range(3)
+        )
         self.token_mixer = nn.ModuleList(nn.Sequential(nn.LayerNorm(n[i]), nn.Linear(n[i], n[i + 1])) for i in range(3))
 
     def x2z(self, i, x, z):

@@ -154,7 +154,9 @@ def routec_to_reference(name: str, value: torch.Tensor) -> dict[str, torch.Tenso
         return {f"{blk}.mlp.gate.{TASKS.index(m[1])}.w_gate": value.T}
     m = re.fullmatch(r"experts\.(w1|b1|w2|b2)", rest)
     if m:
-        fc, kind = {"w1": ("fc1", "weight"), "b1": ("fc1", "bias"), "w2": ("fc2", "weight"), "b2": ("fc2", "bias")}[m[1]]
+        fc, kind = {
+            "w1": ("fc1", "weight"), "b1": ("fc1", "bias"), "w2": ("fc2", "weight"), "b2": ("fc2", "bias")
+        }[m[1]]
         return {
             f"{blk}.mlp.experts.{e}.{fc}.{kind}": (value[e].T if kind == "weight" else value[e])
             for e in range(value.shape[0])

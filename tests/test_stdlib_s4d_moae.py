@@ -183,7 +183,9 @@ def routec_to_reference(name: str, value: torch.Tensor) -> dict[str, torch.Tenso
                 f"{blk}.moe_layer.router.noise_linear.bias": torch.zeros(value.shape[1])}
     m = re.fullmatch(r"experts\.(w1|b1|w2|b2)", rest)
     if m:
-        fc, kind = {"w1": ("fc1", "weight"), "b1": ("fc1", "bias"), "w2": ("fc2", "weight"), "b2": ("fc2", "bias")}[m[1]]
+        fc, kind = {
+            "w1": ("fc1", "weight"), "b1": ("fc1", "bias"), "w2": ("fc2", "weight"), "b2": ("fc2", "bias")
+        }[m[1]]
         return {
             f"{blk}.moe_layer.experts.{e}.{fc}.{kind}": (value[e].T if kind == "weight" else value[e])
             for e in range(value.shape[0])
