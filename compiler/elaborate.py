@@ -1577,7 +1577,9 @@ class _FakeCall:
 
 
 ROW_WISE_MODULES = {"Linear", "LayerNorm", "RMSNorm", "MLP", "GELU", "SiLU", "ReLU", "Tanh", "Sigmoid",
-                    "Dropout", "Identity", "Experts"}
+                    "Dropout", "Identity", "Experts", "GRUCell", "LSTMCell"}
+# functions that keep rows apart when they work on the last dimension (`dim=-1`)
+LAST_DIM_FUNCTIONS = {"narrow", "cat", "concat", "split", "chunk"}
 ROW_WISE_FUNCTIONS = {"add", "sub", "mul", "truediv", "neg", "gelu", "silu", "relu", "tanh", "sigmoid",
                       "softplus", "exp", "log", "abs", "identity", "detach"}
 
@@ -1587,6 +1589,9 @@ def _row_wise(gm: fx.GraphModule) -> bool:
     for node in gm.graph.nodes:
         if node.op == "call_module" and type(gm.get_submodule(node.target)).__name__ not in ROW_WISE_MODULES:
             return False
+        if node.op == "call_function" and getattr(node.target, "__name__", "") in LAST_DIM_FUNCTIONS \
+                and node.kwargs.get("dim") == -1:
+            continue
         if node.op == "call_function" and getattr(node.target, "__name__", "") not in ROW_WISE_FUNCTIONS:
             return False
         if node.op == "call_method":
