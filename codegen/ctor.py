@@ -26,7 +26,7 @@ class Ctor:
     kwargs: dict = field(default_factory=dict)
 
 
-def _record(module: nn.Module, ctor: Ctor) -> None:
+def _record(module: Any, ctor: Ctor) -> None:
     # A plain instance attribute (not a submodule or buffer): invisible to state_dict, .to() and DDP.
     module.__dict__[CTOR_ATTR] = ctor
 
@@ -52,9 +52,9 @@ def recorded(cls: type) -> type:
     return cls
 
 
-def ctor_of(module: nn.Module) -> Optional[Ctor]:
-    """The constructor call recorded for `module`, or None."""
-    return module.__dict__.get(CTOR_ATTR)
+def ctor_of(module: Any) -> Optional[Ctor]:
+    """The constructor call recorded for `module` (or a tensor), or None."""
+    return getattr(module, "__dict__", {}).get(CTOR_ATTR)
 
 
 def recorded_like(value: Any, source: Any) -> Any:

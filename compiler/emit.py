@@ -460,7 +460,8 @@ def _graph_modules(ctor: Any) -> list[fx.GraphModule]:
 
 def _torch_name(obj: Any, module: str, qual: str) -> str:
     """`torch.…` spelling of a torch object, checked to resolve to the same object."""
-    for candidate in (f"{module}.{qual}", f"torch.{qual}", f"torch.nn.functional.{qual}"):
+    name = getattr(obj, "__name__", qual)
+    for candidate in (f"{module}.{qual}", f"torch.{qual}", f"torch.{name}", f"torch.nn.functional.{name}"):
         value: Any = torch
         try:
             for part in candidate.split(".")[1:]:

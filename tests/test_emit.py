@@ -309,3 +309,16 @@ def test_every_layer_records_its_constructor(name):
     rebuilt = ctor.cls(*ctor.args, **ctor.kwargs)
     assert type(rebuilt) is type(module)
     assert {k: v.shape for k, v in rebuilt.state_dict().items()} == {k: v.shape for k, v in module.state_dict().items()}
+
+
+@pytest.mark.parametrize("name", sorted(__import__("routec.compiler.layers", fromlist=["FUNCS"]).FUNCS))
+def test_every_function_has_an_importable_name(name):
+    """Graph nodes call FuncDef functions by reference; the emitted file imports them from torch or
+    routec.codegen, so none may be a lambda or live in the compiler."""
+    from types import SimpleNamespace
+
+    from routec.compiler.emit import _Emitter
+    from routec.compiler.layers import FUNCS
+
+    spelled = _Emitter(SimpleNamespace(spec_name="Net")).ref(FUNCS[name].fn)
+    assert spelled.startswith(("torch.", "functions.", "runtime.", "ops.", "layers.")), spelled
