@@ -247,7 +247,8 @@ def build_graph(el: Elaborator, d: ast.Definition, scope: Scope) -> None:
         scope.names[stmt.name] = Tensor(node, dims, "long" if stmt.dtype in ("long", "int") else "float")
         inputs.append((stmt.name, dims, stmt.dtype))
     if not inputs:
-        el.diags.error("R119", f"`{d.name}` declares no `in` input", d.span)
+        if not any(isinstance(stmt, ast.InDecl) for stmt in d.body):  # (a bad `in` is reported already)
+            el.diags.error("R119", f"`{d.name}` declares no `in` input", d.span)
         return
     el.inputs = inputs
     outs = el.run_body(d.body, scope)

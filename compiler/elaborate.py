@@ -549,6 +549,11 @@ class Elaborator:
             if not tensors or (isinstance(args[0], list) and not any(isinstance(i, Tensor) for i in args[0])):
                 return Partial(func.defn, args, kwargs, e.span)
             return self.apply_func(func.defn, args, kwargs, e.span)
+        if isinstance(func, Callee) and (func.kind == "block" or (
+                func.kind == "layer" and any(p.required for p in func.defn.params))):
+            tensor = next(a for a in args if isinstance(a, Tensor))  # (without tensors it was built above)
+            self.error("R114", f"`{func.name}(…)` takes its sizes and options, then the result is applied to "
+                       f"tensors (`{func.name}(…)(x)`), but it got {tensor.describe()} as an argument", e.span)
         return self.apply(func, args, kwargs, e.span, scope)
 
     def eval_Route(self, e: ast.Route, scope: Scope, hint) -> Any:
@@ -569,7 +574,8 @@ class Elaborator:
                     self.error("R110", f"`{callee.name}` needs sizes known before the model runs, but `{dims[0]}` "
                                "is a dimension of an input, known only at run time", e.span,
                                help="pass the size as a parameter of the model or block")
-                self.error("R110", errors[0], e.span)
+                self.error("R110", errors[0], e.span,
+                           help="`/` always gives a float; `//` divides integers" if "must be int, got float" in errors[0] else None)
             existing = self.lookup_module(path)
             if existing is None:
                 try:
@@ -850,7 +856,8 @@ class Elaborator:
         v = self.eval(expr, scope)
         if isinstance(v, (int, Dim)) and not isinstance(v, bool):
             return v
-        self.error("R118", f"a dimension must be an int or a name, got {self.describe(v)}", expr.span)
+        self.error("R118", f"a dimension must be an int or a name, got {self.describe(v)}", expr.span,
+                   help="`/` always gives a float; `//` divides integers" if isinstance(v, float) else None)
 
     # ------------------------------------------------------------------ statements
 
