@@ -197,6 +197,12 @@ def arange_like(head: torch.Tensor, n: int) -> torch.Tensor:
     return torch.arange(n, device=head.device)
 
 
+def arange_float(start: int, end: int, like: torch.Tensor) -> torch.Tensor:
+    """start, start + 1, …, end - 1 as floats (the dtype of `like` when it is floating) on like's device."""
+    return torch.arange(start, end, dtype=like.dtype if like.is_floating_point() else torch.float32,
+                        device=like.device)
+
+
 def eye_like(n: int, like: torch.Tensor) -> torch.Tensor:
     return torch.eye(n, dtype=like.dtype if like.is_floating_point() else torch.float32, device=like.device)
 

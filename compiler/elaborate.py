@@ -25,6 +25,7 @@ from torch import nn
 from ..codegen import ops, runtime
 from ..codegen.ctor import construct, recorded_like
 from ..codegen.functions import (
+    arange_float as _arange_float,
     arange_like as _arange_like,
     dense_from_topk as _dense_from_topk,
     exit_buffer as _exit_buffer,
@@ -667,6 +668,7 @@ class Elaborator:
         return Tensor(node, tuple(result))
 
     def apply_func(self, defn: FuncDef, args: list, kwargs: dict, span: Span, scope: Optional[Scope] = None) -> Any:
+        args = [a.weights if isinstance(a, GateValue) else a for a in args]  # a gate's value is its weights
         if defn.name == "unpermute" and len(args) == 1 and scope is not None:
             perm = self.current_shuffle(scope, span)
             args = [args[0], perm]

@@ -460,3 +460,26 @@ def test_experts_with_biases_and_other_widths_match_a_per_token_loop(act, out):
                     hid = {"gelu": torch.nn.functional.gelu, "relu": torch.relu}[act](z)
                 want[b, t] += w[b, t, j] * (hid @ sd["experts.w2"][e] + sd["experts.b2"][e])
     torch.testing.assert_close(net(x).out, want, rtol=1e-5, atol=1e-5)
+
+
+def test_sinusoidal_embedding_group_norm_and_gate_as_channel_mask():
+    spec = """
+    model M(c: int = 4) {
+        in x: [B, c, 4, 4]
+        in t: [B]
+        f = exp(arange(0, 3) * -0.5)
+        e = t -> unsqueeze(1)
+        out emb = concat([sin(e * f), cos(e * f)], dim=-1)
+        gate m = threshold(0.5) of x -> mean(3) -> mean(2) -> Linear(c, c)
+        out masked = (x -> GroupNorm(2, c)) * (m -> unsqueeze(2) -> unsqueeze(3))
+    }
+    """
+    net = compile_source(spec, "m.route").eval()
+    x, t = torch.randn(2, 4, 4, 4), torch.rand(2)
+    out = net(x, t)
+    f = torch.exp(torch.arange(3.0) * -0.5)
+    torch.testing.assert_close(out.emb, torch.cat([torch.sin(t[:, None] * f), torch.cos(t[:, None] * f)], -1))
+    sd = net.state_dict()
+    keep = (torch.sigmoid(x.mean((2, 3)) @ sd["m.linear.weight"].T + sd["m.linear.bias"]) >= 0.5).float()
+    want = torch.nn.functional.group_norm(x, 2, sd["groupnorm.weight"], sd["groupnorm.bias"]) * keep[:, :, None, None]
+    torch.testing.assert_close(out.masked, want)

@@ -1,9 +1,16 @@
-"""Spiking functions: `x -> lif(beta=0.9, threshold=1.0, reset="subtract")` on [B, T, …] (time on dim 1)."""
+"""More functions: spiking `x -> lif(beta=0.9, threshold=1.0, reset="subtract")` on [B, T, …] (time on
+dim 1), and the trigonometric functions sinusoidal embeddings are built from."""
 
 from __future__ import annotations
 
+import torch
+
 from ...codegen import runtime
 from .registry import FuncDef, Param, Shape, ShapeResult, render_shape
+
+
+def _same(shapes: list[Shape], kw: dict) -> ShapeResult:
+    return shapes[0]
 
 
 def _lif_rule(shapes: list[Shape], kw: dict) -> ShapeResult:
@@ -20,4 +27,6 @@ SPIKING_FUNCS = (
                     Param("threshold", "float", 1.0), Param("reset", "str", "subtract")),
             runtime.lif, _lif_rule,
             "spikes of integrate-and-fire neurons along time: [B, T, …] → [B, T, …] (arctan surrogate gradient)"),
+    FuncDef("sin", (), torch.sin, _same, "elementwise sine"),
+    FuncDef("cos", (), torch.cos, _same, "elementwise cosine"),
 )
