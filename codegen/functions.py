@@ -13,6 +13,8 @@ from typing import Any, Sequence
 import torch
 import torch.nn.functional as F
 
+from . import ops
+
 # ---------------------------------------------------------------- `.route` functions
 
 
@@ -221,6 +223,16 @@ def expand_steps(v: Any, sizes: list) -> torch.Tensor:
     if v.dim() == len(sizes) - 1:  # a per-step value [B, n] is the same at every step
         v = v.unsqueeze(1)
     return v.expand(*sizes)
+
+
+def linear_scan_nd(a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor, *, reverse: bool = False) -> torch.Tensor:
+    """`ops.linear_scan` for states of any shape: a, b [B, L, *S], h0 [B, *S] are flattened to [B, L, D]."""
+    if a.dim() == 3:
+        return ops.linear_scan(a, b, h0, reverse=reverse)
+    bsz, length = a.shape[:2]
+    h = ops.linear_scan(a.reshape(bsz, length, -1), b.reshape(bsz, length, -1), h0.reshape(bsz, -1),
+                        reverse=reverse)
+    return h.reshape(a.shape)
 
 
 def full_like_last(u: torch.Tensor, value: float) -> torch.Tensor:

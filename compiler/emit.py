@@ -167,8 +167,8 @@ class _Emitter:
         the file, which stays the same for the same spec: they come with the compiled model's state_dict."""
         shape = tuple(t.shape)
         dtype = "" if t.dtype == torch.float32 else f", dtype={t.dtype}"
-        flat = t.detach().reshape(-1).cpu()
-        if flat.numel() and bool((flat == flat[0]).all()) and t.dtype.is_floating_point:
+        flat = t.detach().reshape(-1)
+        if not t.is_meta and flat.numel() and bool((flat == flat[0]).all()) and t.dtype.is_floating_point:
             return f"torch.full({shape!r}, {self.literal(float(flat[0]), '', '')}{dtype})", None
         return f"torch.zeros({shape!r}{dtype})", "the compiled model's values come with its state_dict"
 

@@ -23,6 +23,7 @@ import torch.fx as fx
 from ..codegen import ops, runtime
 from ..codegen.functions import expand_steps as _expand
 from ..codegen.functions import full_like_last as _full_like_last
+from ..codegen.functions import linear_scan_nd
 from ..codegen.functions import per_neuron as _per_neuron
 from ..dsl import ast
 from .elaborate import POISON, Abort, Elaborator, GraphContext, Scope, SeqAxis, join
@@ -257,16 +258,6 @@ def lower_cell(el: Elaborator, s: ast.Scan, scope: Scope, seq: Tensor, inits: li
     for e in emits:
         out[e.name] = Tensor(seqs[s.states[0]], full)
     return out
-
-
-def linear_scan_nd(a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor, *, reverse: bool = False) -> torch.Tensor:
-    """`ops.linear_scan` for states of any shape: a, b [B, L, *S], h0 [B, *S] are flattened to [B, L, D]."""
-    if a.dim() == 3:
-        return ops.linear_scan(a, b, h0, reverse=reverse)
-    bsz, length = a.shape[:2]
-    h = ops.linear_scan(a.reshape(bsz, length, -1), b.reshape(bsz, length, -1), h0.reshape(bsz, -1),
-                        reverse=reverse)
-    return h.reshape(a.shape)
 
 
 def broadcast_to(el: Elaborator, v: Any, shape: tuple, e: ast.Expr) -> Tensor:
