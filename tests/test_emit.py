@@ -338,3 +338,17 @@ def test_every_stdlib_spec_emits(name):
     source = emit_module(net, f"stdlib:{name}")
     compile(source, f"{name}_routec.py", "exec")
     assert_standalone_imports(source)
+
+
+def test_codegen_never_imports_the_compiler():
+    """DESIGN §2: imports flow dsl ← compiler → codegen; the emitted files rely on codegen standing alone."""
+    for path in sorted((ROOT / "codegen").glob("*.py")):
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom):
+                target = ("." * node.level) + (node.module or "")
+                assert not target.startswith(("..compiler", "..dsl", "routec.compiler", "routec.dsl")), \
+                    f"{path.name} imports {target}"
+            elif isinstance(node, ast.Import):
+                for alias in node.names:
+                    assert not alias.name.startswith(("routec.compiler", "routec.dsl")), f"{path.name}: {alias.name}"
