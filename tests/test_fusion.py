@@ -356,6 +356,21 @@ def test_strided_and_smaller_outputs(triton_backend):
 
 
 @needs_triton
+@pytest.mark.parametrize("rank", [4, 5, 6])
+def test_deep_iteration_spaces(rank, triton_backend):
+    """Inputs laid out so that no dimensions merge: the kernel walks all `rank` of them."""
+    module, _ = load(broadcast_region())
+    op = op_of(module)
+    sizes = [2, 3, 2, 3, 2, 3][:rank]
+    x = torch.randn(sizes[::-1]).permute(*reversed(range(rank)))  # strides grow inwards
+    w = torch.rand(sizes[0], *[1] * (rank - 1))
+    b = torch.randn(sizes[-1])
+    v0, v2 = op(x, w, b)
+    torch.testing.assert_close(v0, x * w + b)
+    torch.testing.assert_close(v2, torch.tanh(x * w + b) - x / 3, rtol=1e-5, atol=1e-5)
+
+
+@needs_triton
 def test_fallbacks_compute_the_reference(triton_backend):
     rules = {r.name: r for r in RULES.values()}
     region = Region(2, (Step(rules["mul"], (("x", 0), ("x", 1))), Step(rules["add"], (("v", 0), ("c", 1)))), (1,))

@@ -32,6 +32,8 @@ from typing import Any, Union
 import torch
 import torch.nn.functional as F
 
+from ...codegen.pointwise import MAX_RANK
+
 
 @dataclass(frozen=True)
 class Rule:
@@ -200,21 +202,25 @@ def render(region: Region, op_name: str) -> str:
         w("    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)")
         w("    mask = offs < N")
         w("    rest = offs")
-        for d in range(6):
+        for d in range(MAX_RANK):
             pad = "    " if d == 0 else "        "
             if d > 0:
                 w(f"    if RANK >= {d + 1}:")
-            w(f"{pad}i{d} = rest % n{d}")
-            w(f"{pad}rest = rest // n{d}")
+            # the outermost dimension takes what is left: no division there (64-bit divisions are slow)
+            w(f"{pad}if RANK == {d + 1}:")
+            w(f"{pad}    i{d} = rest")
+            w(f"{pad}else:")
+            w(f"{pad}    i{d} = rest % n{d}")
+            w(f"{pad}    rest = rest // n{d}")
             for name in names:
                 w(f"{pad}{name}_off {'=' if d == 0 else '+='} i{d} * {name}_s{d}")
 
     def kernel_params(ptrs: list[str], strided: list[str]) -> None:
         w("    " + ", ".join(f"{p}_ptr" for p in ptrs) + ",")
         w("    N,  # elements in the iteration space")
-        w("    n0, n1, n2, n3, n4, n5,  # its sizes, innermost first (1 beyond RANK)")
+        w(f"    {', '.join(f'n{d}' for d in range(MAX_RANK))},  # its sizes, innermost first (1 beyond RANK)")
         for name in strided:
-            w(f"    {', '.join(f'{name}_s{d}' for d in range(6))},  # strides of {name} (0 = broadcast)")
+            w(f"    {', '.join(f'{name}_s{d}' for d in range(MAX_RANK))},  # strides of {name} (0 = broadcast)")
         w("    RANK: tl.constexpr,")
         w("    BLOCK: tl.constexpr,")
         w("):")
