@@ -19,6 +19,7 @@ from .. import stdlib
 from ..dsl import ast, parse, read_source
 from ..dsl.diagnostics import Diagnostics, RouteError, Span
 from .elaborate import POISON, Abort, Elaborator, Scope
+from .layers import render_shape
 from .module import RoutedModule
 from .values import Callee, Dim, Tensor
 
@@ -269,6 +270,7 @@ def finish(el: Elaborator, d: ast.Definition) -> RoutedModule:
         exit_names = list(st.names)
         if outs:  # the model's `out` is the last exit: samples no exit took leave there
             final = outs[0][1]
+            check_final_exit(el, d, final, st.classes)
             outs = outs[1:]
             position = len(st.heads)
             exits.append(final.node)
@@ -321,6 +323,20 @@ def finish(el: Elaborator, d: ast.Definition) -> RoutedModule:
     gm.graph.lint()
     stats = [(kind, name) for kind, name, _ in el.stats]
     return RoutedModule(gm, d.name, names, exit_names, aux is not None, el.inputs, stats, el.sources)
+
+
+def check_final_exit(el: Elaborator, d: ast.Definition, final: Any, classes: Any) -> None:
+    """With exits, the first `out` is the last exit: [B, C] logits with the exits' number of classes."""
+    span = next((s.value.span for s in ast.walk(d) if isinstance(s, ast.Out)), d.span)
+    if not isinstance(final, Tensor) or len(final.shape) != 2:
+        got = render_shape(final.shape) if isinstance(final, Tensor) else el.describe(final)
+        el.diags.error("R150", f"`{d.name}` has exits, so its `out` is the last exit: it must be [B, C] logits like "
+                       f"the exits, got {got}", span)
+    elif isinstance(classes, int) and isinstance(final.shape[1], int) and final.shape[1] != classes:
+        el.diags.error("R153", f"all exits must produce the same number of classes: the exits give {classes}, "
+                       f"the final `out` {final.shape[1]}", span)
+    if el.diags.errors:
+        raise RouteError(unique(el.diags.items), el.sources)
 
 
 def check_out_names(el: Elaborator, d: ast.Definition, names: list[str], has_exits: bool, has_aux: bool) -> None:

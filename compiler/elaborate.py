@@ -412,7 +412,9 @@ class Elaborator:
     def tensor_binop(self, e: ast.BinOp, left: Any, right: Any) -> Tensor:
         for side, v in (("left", left), ("right", right)):
             if not isinstance(v, (Tensor, int, float, bool)):
-                self.error("R104", f"`{e.op}` cannot combine a tensor with {self.describe(v)}", getattr(e, side).span)
+                self.error("R104", f"`{e.op}` cannot combine a tensor with {self.describe(v)}", getattr(e, side).span,
+                           help=f"`->` binds more loosely than `{e.op}`: `x -> f {e.op} y` is `x -> (f {e.op} y)`; "
+                           f"write `(x -> f) {e.op} y`" if isinstance(v, (Callee, Instance, Partial)) else None)
         ls = left.shape if isinstance(left, Tensor) else ()
         rs = right.shape if isinstance(right, Tensor) else ()
         if e.op == "@":
