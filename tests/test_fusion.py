@@ -126,6 +126,22 @@ def test_regions_stay_convex():
     assert regions == [["silu", "mul"], ["sub", "mul_1", "pow_1"]]
 
 
+def test_regions_read_at_most_max_inputs(monkeypatch):
+    from routec.compiler.passes.fusion import MAX_INPUTS
+
+    n = 40
+    params = "\n".join(f"    param p{i}: [d] = {i / 10}" for i in range(n))
+    total = " + ".join(["x"] + [f"p{i}" for i in range(n)])
+    src = f"model Many(d: int = 4) {{\n    in x: [B, d]\n{params}\n    out {total}\n}}\n"
+    plain, fused = build(src, False), build(src, True)
+    regions = find_regions(plain.graph)
+    assert [len(r) for r in regions] == [MAX_INPUTS - 1, n - MAX_INPUTS + 1]
+    assert count_elementwise(fused.graph) == 0
+    monkeypatch.setenv("ROUTEC_BACKEND", "reference")
+    x = torch.randn(3, 4)
+    torch.testing.assert_close(fused(x), plain(x))
+
+
 @needs_triton
 @pytest.mark.parametrize("name", list(SPECS))
 @pytest.mark.parametrize("batch,length", [(1, 17), (3, 5)])

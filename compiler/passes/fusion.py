@@ -30,6 +30,7 @@ from .kernelgen import POWERS, RULES, Operand, Region, Rule, Step, load, op_of
 
 FUSED_KERNELS = "routec_fused_kernels"  # GraphModule.meta key: the generated files, in graph order
 MIN_OPS = 2  # a lone elementwise op is one launch already
+MAX_INPUTS = 32  # bounds a kernel's parameter list (the backward takes 3 pointers and 18 sizes per input)
 
 
 def should_fuse(fuse: Optional[bool]) -> bool:
@@ -93,7 +94,8 @@ def find_regions(graph: fx.Graph, min_ops: int = MIN_OPS) -> list[list[fx.Node]]
     """Maximal connected regions of fusable nodes (in graph order), each at least `min_ops` long.
 
     Greedy in topological order: a fusable node joins the regions of its fusable producers when the union
-    stays convex — no input from outside the union has an ancestor inside it.
+    stays convex — no input from outside the union has an ancestor inside it — and reads at most
+    MAX_INPUTS outside values.
     """
     order = {n: i for i, n in enumerate(graph.nodes)}
     ancestors: dict[fx.Node, set[fx.Node]] = {}
@@ -112,7 +114,7 @@ def find_regions(graph: fx.Graph, min_ops: int = MIN_OPS) -> list[list[fx.Node]]
             if other is None or other is group:
                 continue
             members = set(group.nodes) | set(other.nodes)
-            if _convex(members, ancestors):
+            if _acceptable(members, ancestors):
                 group.nodes = sorted(members, key=order.__getitem__)
                 for n in other.nodes:
                     group_of[n] = group
@@ -124,12 +126,17 @@ def find_regions(graph: fx.Graph, min_ops: int = MIN_OPS) -> list[list[fx.Node]]
     return [g.nodes for g in seen if len(g.nodes) >= min_ops]
 
 
-def _convex(members: set[fx.Node], ancestors: dict[fx.Node, set[fx.Node]]) -> bool:
+def _acceptable(members: set[fx.Node], ancestors: dict[fx.Node, set[fx.Node]]) -> bool:
+    """Convex (no outside input depends on a member) and with at most MAX_INPUTS outside inputs."""
+    outside: set[fx.Node] = set()
     for n in members:
         for inp in n.all_input_nodes:
-            if inp not in members and not ancestors[inp].isdisjoint(members):
+            if inp in members:
+                continue
+            if not ancestors[inp].isdisjoint(members):
                 return False
-    return True
+            outside.add(inp)
+    return len(outside) <= MAX_INPUTS
 
 
 def describe(nodes: list[fx.Node]) -> tuple[Region, list[fx.Node], list[fx.Node]]:
