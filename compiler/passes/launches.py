@@ -1,6 +1,7 @@
 """Kernel launches per forward, measured with `torch.profiler` (`routec run --stats`).
 
-On CUDA the count is exact: the profiler's device-side kernel events. On the CPU there are no kernel events,
+On CUDA the count is the profiler's device-side kernel events (not yet checked on a GPU: no device time in
+the session that wrote this). On the CPU there are no kernel events,
 so the profiler's operator tree stands in for them, counting what would be one launch on a GPU:
 
 * every leaf `aten::` operator (one with no operator below it) that computes something — views, reshapes,
@@ -56,6 +57,7 @@ def count_launches(net: torch.nn.Module, inputs: Sequence[torch.Tensor]) -> int:
             if cuda:
                 torch.cuda.synchronize()
     events = prof.events()
-    if cuda:
-        return sum(1 for e in events if e.device_type == torch.autograd.DeviceType.CUDA)
+    if cuda:  # device kernel events; older profilers attach them to the launching CPU op instead
+        device = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
+        return len(device) if device else sum(len(getattr(e, "kernels", [])) for e in events)
     return sum(_count(e) for e in events if e.cpu_parent is None)
