@@ -191,21 +191,33 @@ class BranchRoute(nn.Module):
     that mix tokens such as attention), "samples" (a per-sample gate sends whole samples).
     """
 
-    def __init__(self, branches: list[nn.Module], mode: str = "rows"):
+    def __init__(self, branches: list[nn.Module], mode: str = "rows", extras: Optional[list] = None):
         super().__init__()
         self.branches = nn.ModuleList(branches)
         self.mode = mode
+        # per branch, for each outside tensor it reads: whether it travels with the rows (same leading dims)
+        self.extras = [list(e) for e in (extras or [[] for _ in branches])]
 
-    def forward(self, x: Tensor, weights: Tensor, indices: Tensor) -> Tensor:
+    def _split(self, extra: tuple) -> list[list[Tensor]]:
+        out, i = [], 0
+        for flags in self.extras:
+            out.append(list(extra[i: i + len(flags)]))
+            i += len(flags)
+        return out
+
+    def forward(self, x: Tensor, weights: Tensor, indices: Tensor, *extra: Tensor) -> Tensor:
+        per_branch = self._split(extra)
         if self.mode == "samples":  # whole samples [B, ...] go to a branch
-            return self._route(x, weights, indices)
+            return self._route(x, weights, indices, per_branch)
         if self.mode == "tokens":  # each sample's chosen tokens form one sequence for a token-mixing branch
-            return self._route_tokens(x, weights, indices)
+            return self._route_tokens(x, weights, indices, per_branch)
         lead = x.shape[:-1]
-        out = self._route(x.reshape(-1, x.shape[-1]), weights, indices)
+        flat = [[e.reshape(-1, *e.shape[len(lead):]) if rowwise else e for e, rowwise in zip(es, flags)]
+                for es, flags in zip(per_branch, self.extras)]
+        out = self._route(x.reshape(-1, x.shape[-1]), weights, indices, flat)
         return out.reshape(*lead, out.shape[-1])
 
-    def _route(self, xs: Tensor, weights: Tensor, indices: Tensor) -> Tensor:
+    def _route(self, xs: Tensor, weights: Tensor, indices: Tensor, per_branch: list) -> Tensor:
         w = weights.reshape(xs.shape[0], -1)
         idx = indices.reshape(xs.shape[0], -1)
         out: Optional[Tensor] = None
@@ -213,7 +225,8 @@ class BranchRoute(nn.Module):
             hit = idx == p  # [N, k]
             wp = (w * hit.to(w.dtype)).sum(-1)  # [N]
             rows = hit.any(-1).nonzero().squeeze(-1)
-            yp = branch(xs.index_select(0, rows))
+            inputs = [e.index_select(0, rows) if rowwise else e for e, rowwise in zip(per_branch[p], self.extras[p])]
+            yp = branch(xs.index_select(0, rows), *inputs)
             yp = yp * wp.index_select(0, rows).reshape(-1, *([1] * (yp.dim() - 1)))
             if out is None:
                 out = xs.new_zeros(xs.shape[0], *yp.shape[1:], dtype=yp.dtype)
@@ -221,7 +234,7 @@ class BranchRoute(nn.Module):
         assert out is not None
         return out
 
-    def _route_tokens(self, x: Tensor, weights: Tensor, indices: Tensor) -> Tensor:
+    def _route_tokens(self, x: Tensor, weights: Tensor, indices: Tensor, per_branch: list) -> Tensor:
         out: Optional[Tensor] = None
         for p, branch in enumerate(self.branches):
             hit = indices == p  # [B, N, k]
@@ -229,7 +242,9 @@ class BranchRoute(nn.Module):
             chosen = hit.any(-1)
             for b in range(x.shape[0]):
                 rows = chosen[b].nonzero().squeeze(-1)
-                yb = branch(x[b].index_select(0, rows).unsqueeze(0)).squeeze(0)
+                inputs = [e[b].index_select(0, rows).unsqueeze(0) if rowwise else e
+                          for e, rowwise in zip(per_branch[p], self.extras[p])]
+                yb = branch(x[b].index_select(0, rows).unsqueeze(0), *inputs).squeeze(0)
                 yb = yb * wp[b].index_select(0, rows).unsqueeze(-1)
                 if out is None:
                     out = x.new_zeros(*x.shape[:-1], yb.shape[-1], dtype=yb.dtype)

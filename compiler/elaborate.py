@@ -1208,21 +1208,23 @@ class Elaborator:
             shape = ("N",) + tuple(x.shape[1:]) if per_sample else (1, "L") + tuple(x.shape[2:])
             built = self.route_subgraphs(target, x, shape, scope, probe=False)
         assert built is not None
-        modules, shapes = built
+        modules, shapes, extras = built
         for br, shp in zip(target.branches[1:], shapes[1:]):
             if tuple(shp[-1:]) != tuple(shapes[0][-1:]):
                 self.error("R121", f"route branches must produce equal widths, got "
                            f"{render_shape(shapes[0])} and {render_shape(shp)}", br.span)
         path = join(scope.prefix, f"route_{gate.name}")
         if self.lookup_module(path) is None:
-            self.register(path, runtime.BranchRoute(modules, mode=mode))
+            self.register(path, runtime.BranchRoute(modules, mode=mode,
+                                                    extras=[[rowwise for _, rowwise in e] for e in extras]))
         if gate.indices is not None:
             w, idx = gate.weights, gate.indices
         else:  # a one-hot or dense gate: the chosen branch is the argmax, weighted by its (STE) value
             idx_node = self.call_function(torch.argmax, (gate.weights,), {"dim": -1, "keepdim": True})
             idx = Tensor(idx_node, gate.weights.shape[:-1] + (1,), "long")
             w = Tensor(self.call_function(torch.gather, (gate.weights, -1, idx)), idx.shape)
-        node = self.call_module(path, (x, w, idx))
+        outer = tuple(node for e in extras for node, _ in e)
+        node = self.call_module(path, (x, w, idx) + outer)
         if per_sample:
             return Tensor(node, x.shape[:1] + tuple(shapes[0][1:]))
         return Tensor(node, x.shape[:-1] + tuple(shapes[0][-1:]))
@@ -1232,11 +1234,11 @@ class Elaborator:
         """One graph per branch on inputs of `row_shape`. With `probe`, a branch that does not accept
         token rows gives None (its diagnostics are dropped) instead of an error."""
         mark = len(self.diags.items)
-        modules, shapes = [], []
+        modules, shapes, extras = [], [], []
         for br in target.branches:
             try:
-                gm, shape = self.subgraph(lambda sc, br=br: self.eval(br.value, sc), x, row_shape,
-                                          join(scope.prefix, br.name), scope, br.value.span)
+                gm, shape, extra = self.subgraph(lambda sc, br=br: self.eval(br.value, sc), x, row_shape,
+                                                 join(scope.prefix, br.name), scope, br.value.span)
             except Abort:
                 if not probe:
                     raise
@@ -1244,12 +1246,14 @@ class Elaborator:
                 return None
             modules.append(gm)
             shapes.append(shape)
-        return modules, shapes
+            extras.append(extra)
+        return modules, shapes, extras
 
     def subgraph(self, build: Callable[[Scope], Any], x: Tensor, row_shape: tuple, prefix: str, scope: Scope,
-                 span: Span) -> tuple[fx.GraphModule, tuple]:
-        """Elaborate `build` on a placeholder standing for `x` in a graph of its own (rows [N, d])."""
-        ctx = GraphContext(fx.Graph(), parent=None)
+                 span: Span) -> tuple[fx.GraphModule, tuple, list]:
+        """Elaborate `build` on a placeholder standing for `x` in a graph of its own (rows [N, d]); also
+        returns the outside tensors it reads as (node, travels-with-the-rows) pairs."""
+        ctx = GraphContext(fx.Graph(), parent=self.ctx)
         saved = self.ctx
         self.ctx = ctx
         try:
@@ -1271,7 +1275,15 @@ class Elaborator:
         finally:
             self.ctx = saved
         gm = fx.GraphModule(self.root, ctx.graph)
-        return gm, value.shape
+        # Tensors the branch reads from outside: those with the routed value's leading dims travel with
+        # its rows (gathered the same way); others are passed whole.
+        routed = len(x.shape) - len(row_shape) + 1 if row_shape[0] == "N" else 2  # dims the rows come from
+        lead_dims = tuple(x.shape[:routed])
+        extras = []
+        for outer, _ in ctx.captures.values():
+            shape = self.node_shapes.get(id(outer), ())
+            extras.append((outer, tuple(shape[: len(lead_dims)]) == lead_dims))
+        return gm, value.shape, extras
 
     def rebind_input(self, sub: Scope, scope: Scope, x: Tensor, row: Tensor) -> None:
         s: Optional[Scope] = scope

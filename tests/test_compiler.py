@@ -483,3 +483,27 @@ def test_sinusoidal_embedding_group_norm_and_gate_as_channel_mask():
     keep = (torch.sigmoid(x.mean((2, 3)) @ sd["m.linear.weight"].T + sd["m.linear.bias"]) >= 0.5).float()
     want = torch.nn.functional.group_norm(x, 2, sd["groupnorm.weight"], sd["groupnorm.bias"]) * keep[:, :, None, None]
     torch.testing.assert_close(out.masked, want)
+
+
+def test_route_branches_read_per_token_tensors_gathered_with_their_rows():
+    spec = """
+    model X(d: int = 6, r: int = 2) {
+        in x: [B, T, d]
+        in m: [B, T]
+        gate g = topk(1) of Linear(d, 2)(x)
+        out route x by g to {
+            plain: x -> Linear(d, d)
+            adapted: x + (x -> Linear(d, r) -> Linear(r, d)) * (m -> unsqueeze(-1))
+        }
+    }
+    """
+    torch.manual_seed(0)
+    net = compile_source(spec, "x.route").eval()
+    x, m = torch.randn(2, 5, 6), (torch.rand(2, 5) > 0.5).float()
+    sd = net.state_dict()
+    w, idx = torch.softmax(x @ sd["g.linear.weight"].T + sd["g.linear.bias"], -1).max(-1)
+    lin = lambda v, p: v @ sd[p + ".weight"].T + sd[p + ".bias"]  # noqa: E731
+    plain = lin(x, "plain.linear")
+    adapted = x + lin(lin(x, "adapted.linear"), "adapted.linear_1") * m[..., None]
+    want = torch.where((idx == 0)[..., None], plain, adapted) * w[..., None]
+    torch.testing.assert_close(net(x, m).out, want)
