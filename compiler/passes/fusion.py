@@ -98,14 +98,8 @@ def find_regions(graph: fx.Graph, min_ops: int = MIN_OPS) -> list[list[fx.Node]]
     MAX_INPUTS outside values.
     """
     order = {n: i for i, n in enumerate(graph.nodes)}
-    ancestors: dict[fx.Node, set[fx.Node]] = {}
     group_of: dict[fx.Node, _Group] = {}
     for node in graph.nodes:
-        anc: set[fx.Node] = set()
-        for inp in node.all_input_nodes:
-            anc |= ancestors[inp]
-            anc.add(inp)
-        ancestors[node] = anc
         if rule_of(node) is None:
             continue
         group = _Group([node])
@@ -114,7 +108,7 @@ def find_regions(graph: fx.Graph, min_ops: int = MIN_OPS) -> list[list[fx.Node]]
             if other is None or other is group:
                 continue
             members = set(group.nodes) | set(other.nodes)
-            if _acceptable(members, ancestors):
+            if _acceptable(members, order):
                 group.nodes = sorted(members, key=order.__getitem__)
                 for n in other.nodes:
                     group_of[n] = group
@@ -126,17 +120,29 @@ def find_regions(graph: fx.Graph, min_ops: int = MIN_OPS) -> list[list[fx.Node]]
     return [g.nodes for g in seen if len(g.nodes) >= min_ops]
 
 
-def _acceptable(members: set[fx.Node], ancestors: dict[fx.Node, set[fx.Node]]) -> bool:
-    """Convex (no outside input depends on a member) and with at most MAX_INPUTS outside inputs."""
-    outside: set[fx.Node] = set()
-    for n in members:
+def _acceptable(members: set[fx.Node], order: dict[fx.Node, int]) -> bool:
+    """Convex (no outside input depends on a member) and with at most MAX_INPUTS outside inputs.
+
+    A path from a member to an outside input only visits nodes after the earliest member, so the search
+    backwards from the outside inputs stops there.
+    """
+    outside = {inp for n in members for inp in n.all_input_nodes if inp not in members}
+    if len(outside) > MAX_INPUTS:
+        return False
+    lowest = min(order[m] for m in members)
+    stack = [n for n in outside if order[n] > lowest]
+    seen: set[fx.Node] = set()
+    while stack:
+        n = stack.pop()
+        if n in seen:
+            continue
+        seen.add(n)
         for inp in n.all_input_nodes:
             if inp in members:
-                continue
-            if not ancestors[inp].isdisjoint(members):
                 return False
-            outside.add(inp)
-    return len(outside) <= MAX_INPUTS
+            if order[inp] > lowest and inp not in seen:
+                stack.append(inp)
+    return True
 
 
 def describe(nodes: list[fx.Node]) -> tuple[Region, list[fx.Node], list[fx.Node]]:
