@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from torch import nn
 
@@ -21,7 +21,7 @@ CTOR_ATTR = "_routec_ctor"
 class Ctor:
     """`cls(*args, **kwargs)` built the module."""
 
-    cls: type
+    cls: Callable[..., Any]  # a class, or a function such as param_init
     args: tuple = ()
     kwargs: dict = field(default_factory=dict)
 
@@ -31,7 +31,7 @@ def _record(module: Any, ctor: Ctor) -> None:
     module.__dict__[CTOR_ATTR] = ctor
 
 
-def construct(cls: type, *args: Any, **kwargs: Any) -> Any:
+def construct(cls: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
     """`cls(*args, **kwargs)`, remembering the call."""
     module = cls(*args, **kwargs)
     _record(module, Ctor(cls, args, dict(kwargs)))
