@@ -8,7 +8,7 @@ module, `ops` and torch. Nothing here keeps hidden state between calls.
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -191,7 +191,7 @@ class BranchRoute(nn.Module):
     that mix tokens such as attention), "samples" (a per-sample gate sends whole samples).
     """
 
-    def __init__(self, branches: list[nn.Module], mode: str = "rows", extras: Optional[list] = None):
+    def __init__(self, branches: Sequence[nn.Module], mode: str = "rows", extras: Optional[list] = None):
         super().__init__()
         self.branches = nn.ModuleList(branches)
         self.mode = mode
