@@ -124,10 +124,10 @@ class HardGate(nn.Module):
 
 @recorded
 class Experts(nn.Module):
-    """E copies of `Linear(d, h) -> act -> Linear(h, d)` stored stacked, run by the `moe_ffn` op.
+    """E copies of `Linear(d, h) -> act -> Linear(h, out)` stored stacked, run by the `moe_ffn` op.
 
-    w1 [E, d, h], w2 [E, h, d] (x @ w layout), optional w3 [E, d, h] for gated activations and biases
-    b1 [E, h], b2 [E, d]. A first-layer bias is folded into the op by a constant-one input column.
+    w1 [E, d, h], w2 [E, h, out] (x @ w layout), optional w3 [E, d, h] for gated activations and biases
+    b1 [E, h], b2 [E, out], all passed to the op as they are (no copies).
     """
 
     def __init__(self, experts: int, d: int, hidden: int, out: int, activation: str = "gelu",
@@ -144,41 +144,11 @@ class Experts(nn.Module):
     def forward(self, x: Tensor, weights: Tensor, indices: Tensor) -> Tensor:
         lead = x.shape[:-1]
         xs = x.reshape(-1, x.shape[-1])  # [T, d]
-        w = weights.reshape(xs.shape[0], -1)
-        idx = indices.reshape(xs.shape[0], -1)
-        if self.b1 is None and self.w2.shape[-1] == xs.shape[-1]:
-            y = ops.moe_ffn(xs, w, idx, self.w1, self.w2, activation=self.activation, w3=self.w3)
-        else:
-            y = self._augmented(xs, w, idx)
+        w = weights.reshape(xs.shape[0], -1)  # [T, k]
+        idx = indices.reshape(xs.shape[0], -1)  # [T, k]
+        y = ops.moe_ffn(xs, w, idx, self.w1, self.w2, activation=self.activation, w3=self.w3, b1=self.b1,
+                        b2=self.b2)  # [T, out]
         return y.reshape(*lead, y.shape[-1])
-
-    def _augmented(self, xs: Tensor, w: Tensor, idx: Tensor) -> Tensor:
-        """Experts with biases or out ≠ d through the same `moe_ffn` kernel: x gets a constant-one column
-        whose w1 row is b1 (and zero columns up to a common width D), w2 zero columns up to D; the
-        second bias is the routing-weighted sum of b2 over each token's experts."""
-        d, out = xs.shape[-1], self.w2.shape[-1]
-        width = max(d + (1 if self.b1 is not None else 0), out)
-        e, hidden = self.w1.shape[0], self.w1.shape[-1]
-        cols = [xs]
-        rows1 = [self.w1]
-        rows3 = [self.w3] if self.w3 is not None else None
-        if self.b1 is not None:
-            cols.append(xs.new_ones(xs.shape[0], 1))
-            rows1.append(self.b1.unsqueeze(1))
-            if rows3 is not None:
-                rows3.append(self.w3.new_zeros(e, 1, hidden))
-        pad = width - sum(c.shape[-1] for c in cols)
-        if pad:
-            cols.append(xs.new_zeros(xs.shape[0], pad))
-            rows1.append(self.w1.new_zeros(e, pad, hidden))
-            if rows3 is not None:
-                rows3.append(self.w1.new_zeros(e, pad, hidden))
-        w2 = self.w2 if out == width else torch.cat([self.w2, self.w2.new_zeros(e, hidden, width - out)], dim=2)
-        y = ops.moe_ffn(torch.cat(cols, 1), w, idx, torch.cat(rows1, 1), w2, activation=self.activation,
-                        w3=None if rows3 is None else torch.cat(rows3, 1))[:, :out]
-        if self.b2 is not None:
-            y = y + (w.unsqueeze(-1) * self.b2[idx]).sum(1)
-        return y
 
 
 @recorded
