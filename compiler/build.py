@@ -285,11 +285,11 @@ def finish(el: Elaborator, d: ast.Definition) -> RoutedModule:
         names += ["out", "exit_index"]
         nodes += [el.getitem(node, 0), el.getitem(node, 1)]
     if el.time_exits:  # exit over a scan's time steps: the selected output and its step lead
-        name, selected, index, every = el.time_exits[0]
+        exit_name, selected, index, every = el.time_exits[0]
         names += ["out", "exit_index"]
         nodes += [selected.node, index]
         exits = [every.node]
-        exit_names = [name]
+        exit_names = [exit_name]
     if not outs and not nodes:
         el.diags.error("R117", f"`{d.name}` has no `out`", d.span)
         raise RouteError(el.diags.items, el.sources)

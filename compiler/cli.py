@@ -49,7 +49,8 @@ def cmd_check(args: argparse.Namespace) -> int:
         if not args.syntax_only and any(d.kind == "model" for d in module.definitions):
             from . import compile_source
 
-            compile_source(text, str(path), **parse_params(args.param))
+            params: dict[str, Any] = parse_params(args.param)
+            compile_source(text, str(path), **params)
         print(f"{path}: ok")
     return 1 if failed else 0
 
@@ -157,7 +158,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             predictions = [main] + list(getattr(out, "exits", ()))
             if not targets:  # fixed random targets, one per output
                 targets = [torch.randn_like(p) for p in predictions]
-            loss = sum(torch.nn.functional.mse_loss(p, t) for p, t in zip(predictions, targets))
+            loss = torch.stack([torch.nn.functional.mse_loss(p, t) for p, t in zip(predictions, targets)]).sum()
             if hasattr(out, "aux_loss"):
                 loss = loss + 0.01 * out.aux_loss
             opt.zero_grad()

@@ -16,7 +16,7 @@ import difflib
 import operator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, NoReturn, Optional
 
 import torch
 import torch.fx as fx
@@ -65,6 +65,7 @@ INITIALISERS = ("zeros", "ones", "normal", "uniform", "constant", "xavier", "kai
 MAX_REPEAT = 10_000  # `repeat` is unrolled at compile time
 DTYPES = {"float": torch.float32, "long": torch.int64, "int": torch.int64, "bool": torch.bool}
 
+_UNARY: dict[str, Callable[[Any], Any]] = {"-": operator.neg, "+": operator.pos, "not": torch.logical_not}
 _BINARY: dict[str, Callable[[Any, Any], Any]] = {
     "+": operator.add, "-": operator.sub, "*": operator.mul, "/": operator.truediv,
     "//": operator.floordiv, "%": operator.mod, "**": operator.pow, "@": operator.matmul,
@@ -93,7 +94,8 @@ class Scope:
         raise KeyError(name)
 
     def visible(self) -> list[str]:
-        out, scope = [], self
+        out: list[str] = []
+        scope: Optional[Scope] = self
         while scope is not None:
             out += list(scope.names)
             scope = scope.parent
@@ -156,10 +158,14 @@ class Elaborator:
         self.live_owners: list[tuple[Scope, str]] = []
         self.stats: list[tuple[str, str, fx.Node]] = []  # (kind, name, node) routing statistics
         self.expanding: list[ast.Definition] = []  # the blocks being expanded, outermost first
+        # Set by build.elaborate_model for the model being compiled, read by build.finish:
+        self.inputs: list[tuple[str, tuple, Optional[str]]] = []  # (name, symbolic shape, dtype) per `in`
+        self.model_outs: list[tuple[Optional[str], Any]] = []
+        self.model_scope: Optional[Scope] = None
 
     # ------------------------------------------------------------------ errors
 
-    def error(self, code: str, message: str, span: Span, help: Optional[str] = None, notes=()) -> None:
+    def error(self, code: str, message: str, span: Span, help: Optional[str] = None, notes=()) -> NoReturn:
         self.diags.error(code, message, span, notes=notes, help=help)
         raise Abort()
 
@@ -250,7 +256,7 @@ class Elaborator:
             value = scope.lookup(name)
         except KeyError:
             return None
-        if isinstance(value, Callee) and value.kind == "block":
+        if isinstance(value, Callee) and value.kind == "block" and isinstance(value.defn, ast.Definition):
             return value.defn, value.origin or ""
         return None
 
@@ -279,7 +285,8 @@ class Elaborator:
 
     # ------------------------------------------------------------------ expressions
 
-    def static(self, expr: ast.Expr, scope: Scope, what: str) -> Any:
+    def static(self, expr: ast.Subscript, scope: Scope, what: str) -> Any:
+        # (ast.Subscript includes every ast.Expr; eval rejects a slice or `...` where a value is needed)
         value = self.eval(expr, scope)
         if value is POISON:
             raise Abort()
@@ -335,7 +342,7 @@ class Elaborator:
         if v is POISON:
             return POISON
         if isinstance(v, Tensor):
-            fn = {"-": operator.neg, "+": operator.pos, "not": torch.logical_not}[e.op]
+            fn = _UNARY[e.op]
             return Tensor(self.call_function(fn, (v,)), v.shape)
         if isinstance(v, Dim):
             self.error("R104", f"`{e.op}` cannot apply to the dimension `{v.name}`", e.span)
@@ -427,7 +434,7 @@ class Elaborator:
             shape = self.broadcast(e, ls[:-2], rs[:-2]) + ls[-2:-1] + rs[-1:] if len(rs) > 1 else ls[:-1]
         else:
             shape = self.broadcast(e, ls, rs)
-        fn = {"and": torch.logical_and, "or": torch.logical_or}.get(e.op, _BINARY.get(e.op))
+        fn: Callable[..., Any] = {"and": torch.logical_and, "or": torch.logical_or}.get(e.op) or _BINARY[e.op]
         dtype = "bool" if e.op in ast.COMPARISON_OPS or e.op in ("and", "or") else "float"
         return Tensor(self.call_function(fn, (left, right)), shape, dtype)
 
@@ -451,7 +458,9 @@ class Elaborator:
             param = self.lookup_param(f"{base.path}.{e.attr}")
             if param is not None:  # a layer's parameter as a value: weight tying (`x @ tok.weight.T`)
                 return Tensor(self.get_param_node(f"{base.path}.{e.attr}"), tuple(param.shape))
-            names = [n for n, _ in self.lookup_module(base.path).named_parameters()]
+            layer = self.lookup_module(base.path)
+            assert layer is not None  # an instance's module is registered when it is built
+            names = [n for n, _ in layer.named_parameters()]
             close = difflib.get_close_matches(e.attr, names, n=1)
             self.error("R106", f"the layer `{base.name}` has no parameter `{e.attr}` (it has "
                        f"{', '.join(names) or 'none'})", e.span, help=f"did you mean `{close[0]}`?" if close else None)
@@ -491,9 +500,9 @@ class Elaborator:
                 parts = [None if p is None else self.static(p, scope, "a slice bound")
                          for p in (sub.start, sub.stop, sub.step)]
                 for p, bound in zip(parts, (sub.start, sub.stop, sub.step)):
-                    if p is not None and (not isinstance(p, int) or isinstance(p, bool)):
+                    if p is not None and bound is not None and (not isinstance(p, int) or isinstance(p, bool)):
                         self.error("R107", f"a slice bound must be an int, got {describe(p)}", bound.span)
-                if parts[2] is not None and parts[2] <= 0:
+                if sub.step is not None and parts[2] is not None and parts[2] <= 0:
                     self.error("R107", f"a slice step must be positive, got {parts[2]}", sub.step.span)
                 items.append(slice(*parts))
                 if pos >= len(dims):
@@ -511,8 +520,9 @@ class Elaborator:
                     self.error("R107", f"an index must be an int, got {describe(idx)}", sub.span)
                 if pos >= len(dims):
                     self.error("R107", f"too many indices for {base.describe()}", sub.span)
-                if isinstance(dims[pos], int) and not -dims[pos] <= idx < dims[pos]:
-                    self.error("R107", f"index {idx} is out of range for dimension {pos} of size {dims[pos]}",
+                extent = dims[pos]
+                if isinstance(extent, int) and not -extent <= idx < extent:
+                    self.error("R107", f"index {idx} is out of range for dimension {pos} of size {extent}",
                                sub.span)
                 items.append(idx)
                 pos += 1
@@ -550,10 +560,10 @@ class Elaborator:
         if isinstance(func, Callee) and func.kind == "func":
             tensors = [a for a in args if isinstance(a, (Tensor, list))]
             if not tensors or (isinstance(args[0], list) and not any(isinstance(i, Tensor) for i in args[0])):
-                return Partial(func.defn, args, kwargs, e.span)
-            return self.apply_func(func.defn, args, kwargs, e.span)
+                return Partial(func.func_def, args, kwargs, e.span)
+            return self.apply_func(func.func_def, args, kwargs, e.span)
         if isinstance(func, Callee) and (func.kind == "block" or (
-                func.kind == "layer" and any(p.required for p in func.defn.params))):
+                func.kind == "layer" and any(p.required for p in func.layer_def.params))):
             tensor = next(a for a in args if isinstance(a, Tensor))  # (without tensors it was built above)
             self.error("R114", f"`{func.name}(…)` takes its sizes and options, then the result is applied to "
                        f"tensors (`{func.name}(…)(x)`), but it got {tensor.describe()} as an argument", e.span)
@@ -564,12 +574,12 @@ class Elaborator:
 
     # ------------------------------------------------------------------ layers, blocks, functions
 
-    def instantiate(self, callee: Callee, args: list, kwargs: dict, e: ast.Call, scope: Scope,
+    def instantiate(self, callee: Callee, args: list, kwargs: dict, e: ast.Call | _FakeCall, scope: Scope,
                     hint: Optional[str]) -> Instance:
         name = hint or self.anon_name(scope, callee.name)
         path = join(scope.prefix, name)
         if callee.kind == "layer":
-            defn: LayerDef = callee.defn  # type: ignore[assignment]
+            defn = callee.layer_def
             bound, errors = bind_args(defn, args, kwargs)
             if errors:
                 dims = [v.name for v in list(args) + list(kwargs.values()) if isinstance(v, Dim)]
@@ -587,7 +597,7 @@ class Elaborator:
                     self.error("R111", f"cannot build `{callee.name}`: {err}", e.span)
                 self.register(path, module)
             return Instance("layer", callee.name, path, defn, bound, e.span)
-        defn_ast: ast.Definition = callee.defn  # type: ignore[assignment]
+        defn_ast = callee.block_def
         block_scope = self.bind_block_params(defn_ast, args, kwargs, e, callee.origin, path)
         return Instance("block", callee.name, path, defn_ast, {}, e.span, scope=block_scope, origin=callee.origin)
 
@@ -634,8 +644,8 @@ class Elaborator:
             return self.apply_func(func.defn, args + func.args, {**func.kwargs, **kwargs}, func.span, scope)
         if isinstance(func, Callee):
             if func.kind == "func":
-                return self.apply_func(func.defn, args, kwargs, span, scope)
-            if func.kind == "layer" and not any(p.required for p in func.defn.params):
+                return self.apply_func(func.func_def, args, kwargs, span, scope)
+            if func.kind == "layer" and not any(p.required for p in func.layer_def.params):
                 inst = self.instantiate(func, [], {}, _FakeCall(span), scope, None)
                 return self.apply(inst, args, kwargs, span, scope)
             if func.kind == "builtin" and func.name == "identity":
@@ -946,6 +956,7 @@ class Elaborator:
             if parent_path and self.lookup_module(parent_path) is None:
                 self.register(parent_path, nn.Module())
             owner = self.lookup_module(parent_path) if parent_path else self.root
+            assert owner is not None  # registered just above
             owner.register_parameter(leaf, recorded_like(nn.Parameter(data), data))
         scope.names[s.name] = Tensor(self.get_param_node(path), tuple(dims))
 
@@ -1058,7 +1069,10 @@ class Elaborator:
             k = args[0] if args else kwargs.get("k")
             if not isinstance(k, int) or k < 1:
                 self.error("R132", f"`topk` needs k ≥ 1, got {describe(k)}", kind_expr.span)
-            if isinstance(choices, int) and k > choices:
+            if not isinstance(choices, int):
+                self.error("R132", f"`topk` needs a known number of experts, got the run-time size `{choices}`",
+                           kind_expr.span)
+            if k > choices:
                 self.error("R132", f"`topk(k={k})` needs at least {k} experts, got {choices}", kind_expr.span)
             unknown = set(kwargs) - {"k", "noisy", "normalize", "capacity", "aux"}
             if unknown:
@@ -1080,21 +1094,23 @@ class Elaborator:
             self.stats.append(("gate", s.name, idx.node))
             scope.names[s.name] = GateValue("topk", w, idx, choices, k, s.span, s.name, timing)
             return
+        gate_module: nn.Module
         if kind in ("softmax", "sigmoid"):
-            module = runtime.SoftGate(kind, temperature=float(kwargs.get("temperature", args[0] if args else 1.0)))
+            gate_module = runtime.SoftGate(kind, temperature=float(kwargs.get("temperature",
+                                                                              args[0] if args else 1.0)))
         else:
             threshold = float(args[0]) if args and kind == "threshold" else float(kwargs.get("t", 0.5))
-            module = runtime.HardGate(kind, threshold=threshold,
-                                      tau=float(args[0] if args and kind == "gumbel" else kwargs.get("tau", 1.0)))
+            gate_module = runtime.HardGate(kind, threshold=threshold,
+                                           tau=float(args[0] if args and kind == "gumbel" else kwargs.get("tau", 1.0)))
         if self.lookup_module(path) is None:
-            self.register(path, module)
+            self.register(path, gate_module)
         w = Tensor(self.call_module(path, (scores,)), scores.shape)
         self.stats.append(("gate", s.name, w.node))
         scope.names[s.name] = GateValue(kind, w, None, choices, 1, s.span, s.name, timing)
 
     def keyed_gate(self, s: ast.Gate, kind_expr: Any, scope: Scope) -> None:
         """`keyed(key, n)`: choice `key` (a per-sample long tensor [B] or a static int) out of n, weight 1."""
-        args = getattr(kind_expr, "args", ())
+        args: tuple = getattr(kind_expr, "args", ())
         if len(args) != 2:
             self.error("R133", "a keyed gate is `keyed(key, n)`: the key (task id, timestep bucket) and the "
                        "number of choices", kind_expr.span)
@@ -1143,7 +1159,8 @@ class Elaborator:
         return self.route_branches(e, x, gate, scope)
 
     def route_experts(self, e: ast.Route, x: Tensor, gate: GateValue, scope: Scope) -> Tensor:
-        target: ast.RouteExperts = e.target  # type: ignore[assignment]
+        target = e.target
+        assert isinstance(target, ast.RouteExperts)  # eval_Route dispatches on the target's kind
         chain = self.flatten_pipe(target.body)
         layers = [c for c in chain]
         if gate.indices is None:
@@ -1165,6 +1182,9 @@ class Elaborator:
         if isinstance(x.shape[-1], int) and x.shape[-1] != d:
             self.error("R121", f"experts expect the last dimension to be {d}, got {render_shape(x.shape)}",
                        target.body.span)
+        if not isinstance(gate.choices, int):
+            self.error("R121", f"experts need a known number of choices, but gate `{gate.name}` chooses among "
+                       f"`{gate.choices}` (a run-time size)", target.body.span)
         path = join(scope.prefix, target.name)
         if self.lookup_module(path) is None:
             self.register(path, runtime.Experts(gate.choices, d, h, out, activation=act,
@@ -1188,7 +1208,8 @@ class Elaborator:
         return bound["in_features"], bound["out_features"], bound["bias"]
 
     def route_branches(self, e: ast.Route, x: Tensor, gate: GateValue, scope: Scope) -> Tensor:
-        target: ast.RouteBranches = e.target  # type: ignore[assignment]
+        target = e.target
+        assert isinstance(target, ast.RouteBranches)  # eval_Route dispatches on the target's kind
         n = len(target.branches)
         if isinstance(gate.choices, int) and gate.choices != n:
             self.error("R136", f"gate `{gate.name}` chooses among {gate.choices}, but the route has {n} branches",
@@ -1230,15 +1251,18 @@ class Elaborator:
         return Tensor(node, x.shape[:-1] + tuple(shapes[0][-1:]))
 
     def route_subgraphs(self, target: ast.RouteBranches, x: Tensor, row_shape: tuple, scope: Scope,
-                        probe: bool) -> Optional[tuple[list, list]]:
+                        probe: bool) -> Optional[tuple[list[fx.GraphModule], list[tuple], list[list]]]:
         """One graph per branch on inputs of `row_shape`. With `probe`, a branch that does not accept
         token rows gives None (its diagnostics are dropped) instead of an error."""
         mark = len(self.diags.items)
         modules, shapes, extras = [], [], []
         for br in target.branches:
+            def build(sc: Scope, value: ast.Expr = br.value) -> Any:
+                return self.eval(value, sc)
+
             try:
-                gm, shape, extra = self.subgraph(lambda sc, br=br: self.eval(br.value, sc), x, row_shape,
-                                                 join(scope.prefix, br.name), scope, br.value.span)
+                gm, shape, extra = self.subgraph(build, x, row_shape, join(scope.prefix, br.name), scope,
+                                                 br.value.span)
             except Abort:
                 if not probe:
                     raise
@@ -1262,8 +1286,9 @@ class Elaborator:
             sub.anon = {}
             row = Tensor(ph, row_shape)
             sub.names["_input"] = row
-            # the branch reads the routed value under the name it had outside
-            self.rebind_input(sub, scope, x, row)
+            routed = len(x.shape) - len(row_shape) + 1 if row_shape[0] == "N" else 2  # dims the rows come from
+            # the branch reads the routed value, and outside tensors that travel with its rows, as rows
+            travelling = self.rebind_rows(sub, scope, x, row, routed)
             value = build(sub)
             if value is POISON:
                 raise Abort()
@@ -1275,23 +1300,29 @@ class Elaborator:
         finally:
             self.ctx = saved
         gm = fx.GraphModule(self.root, ctx.graph)
-        # Tensors the branch reads from outside: those with the routed value's leading dims travel with
-        # its rows (gathered the same way); others are passed whole.
-        routed = len(x.shape) - len(row_shape) + 1 if row_shape[0] == "N" else 2  # dims the rows come from
-        lead_dims = tuple(x.shape[:routed])
-        extras = []
-        for outer, _ in ctx.captures.values():
-            shape = self.node_shapes.get(id(outer), ())
-            extras.append((outer, tuple(shape[: len(lead_dims)]) == lead_dims))
+        # outside tensors the branch read: those with the routed value's leading dims travel with its rows
+        # (gathered the same way); others are passed whole
+        extras = [(outer, id(outer) in travelling) for outer, _ in ctx.captures.values()]
         return gm, value.shape, extras
 
-    def rebind_input(self, sub: Scope, scope: Scope, x: Tensor, row: Tensor) -> None:
+    def rebind_rows(self, sub: Scope, scope: Scope, x: Tensor, row: Tensor, routed: int) -> set[int]:
+        """Bind, in the branch's scope, the routed value to its rows and every other visible tensor with the
+        same leading dims to a view of the rows it will be gathered to (its shape with those dims replaced
+        by the rows' leading dims). Returns the ids of those tensors' nodes."""
+        lead, row_lead = tuple(x.shape[:routed]), tuple(row.shape[: len(row.shape) - len(x.shape) + routed])
+        travelling: set[int] = set()
         s: Optional[Scope] = scope
         while s is not None:
             for name, v in s.names.items():
-                if v is x and name not in sub.names:
+                if name in sub.names or not isinstance(v, Tensor):
+                    continue
+                if v is x:
                     sub.names[name] = row
+                elif tuple(v.shape[:routed]) == lead and v.node.op != "get_attr":
+                    sub.names[name] = Tensor(v.node, row_lead + tuple(v.shape[routed:]), v.dtype)
+                    travelling.add(id(v.node))
             s = s.parent
+        return travelling
 
     # ------------------------------------------------------------------ paths
 
@@ -1419,7 +1450,8 @@ class Elaborator:
                            f"so the dimension must be an int from {-len(shape)} to {len(shape) - 1}", s.combine.span)
             d = dim % len(shape)
             total = [v.shape[d] for v in values]
-            size = sum(total) if all(isinstance(t, int) for t in total) else "?"
+            ints = [t for t in total if isinstance(t, int)]
+            size: int | str = sum(ints) if len(ints) == len(total) else "?"
             shape = shape[:d] + (size,) + shape[d + 1:]
         scope.names[s.name] = Tensor(node, shape)
 
@@ -1461,6 +1493,7 @@ class Elaborator:
                        f"{head.shape[1]}", s.value.span)
         if st.out is None:
             self.start_exits(head)
+        assert st.out is not None  # start_exits set it
         live = self.live_batch_values(scope, head)
         position = len(st.heads)
         path = f"exit_points.{position}"
@@ -1512,7 +1545,7 @@ class Elaborator:
     def node_batch(self, node: fx.Node, batch: Any) -> bool:
         """Whether a graph value has the batch as its first dimension (it leaves with exited samples)."""
         shape = self.node_shapes.get(id(node))
-        return bool(shape) and shape[0] == batch
+        return shape is not None and len(shape) > 0 and shape[0] == batch
 
     def exits(self) -> ExitState:
         if self.exit_state is None:

@@ -348,9 +348,11 @@ class _Emitter:
         tree = ast.parse(Path(path).read_text(encoding="utf-8"))
         body = list(tree.body)
         doc = ""
-        if body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant) \
-                and isinstance(body[0].value.value, str):
-            doc = body.pop(0).value.value  # type: ignore[attr-defined]
+        first = body[0] if body else None
+        if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant) \
+                and isinstance(first.value.value, str):
+            doc = first.value.value
+            body.pop(0)
         defined: set[str] = set()
         kept = []
         for stmt in body:

@@ -41,6 +41,7 @@ def classify(gm: fx.GraphModule, node: fx.Node) -> str:
     if node.op == "output":
         return "output"
     if node.op == "call_module":
+        assert isinstance(node.target, str)  # a call_module target is the module's path
         return MODULE_KINDS.get(type(gm.get_submodule(node.target)), "layer")
     if node.op == "call_function" and node.target in SCAN_OPS:
         return "scan"
@@ -49,6 +50,7 @@ def classify(gm: fx.GraphModule, node: fx.Node) -> str:
 
 def label(gm: fx.GraphModule, node: fx.Node, kind: str) -> str:
     if node.op == "call_module":
+        assert isinstance(node.target, str)
         module = gm.get_submodule(node.target)
         name = type(module).__name__
         return f"{node.target}\\n{name}"

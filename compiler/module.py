@@ -18,6 +18,10 @@ class RoutedModule(nn.Module):
     losses add `aux_loss`. Parameter names follow the spec (docs/compiler.md).
     """
 
+    # Set with object.__setattr__ (kept out of nn.Module's registry); declared so their types are known.
+    graph_module: fx.GraphModule
+    sources: dict[str, str]
+
     def __init__(self, gm: fx.GraphModule, name: str, out_names: list[str], exit_names: list[str],
                  has_aux: bool, inputs: list, stats: list, sources: dict[str, str]):
         super().__init__()

@@ -45,6 +45,22 @@ class Callee:
     defn: Union[LayerDef, FuncDef, "ast.Definition", None] = None
     origin: Optional[str] = None  # the file a `use`d block comes from
 
+    # `defn` by kind, for the type checker: a layer's is a LayerDef, a func's a FuncDef, a block's its AST.
+    @property
+    def layer_def(self) -> LayerDef:
+        assert isinstance(self.defn, LayerDef), self.kind
+        return self.defn
+
+    @property
+    def func_def(self) -> FuncDef:
+        assert isinstance(self.defn, FuncDef), self.kind
+        return self.defn
+
+    @property
+    def block_def(self) -> "ast.Definition":
+        assert isinstance(self.defn, ast.Definition), self.kind
+        return self.defn
+
 
 @dataclass
 class Partial:
@@ -77,7 +93,7 @@ class GateValue:
     kind: str
     weights: Tensor
     indices: Optional[Tensor]
-    choices: int
+    choices: Union[int, str]  # a size, or a dimension's name when only known at run time
     k: int
     span: Span
     name: str

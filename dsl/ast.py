@@ -10,7 +10,7 @@ tuples. The tree holds no behaviour: checks and lowering live in `routec.compile
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Iterator, Literal, Optional, Union
+from typing import Annotated, Any, Iterator, Literal, Optional, Union, get_args
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -31,10 +31,10 @@ BinaryOperator = Literal[
     "or", "and", "==", "!=", "<", "<=", ">", ">=", "+", "-", "*", "/", "//", "%", "@", "**"
 ]
 UnaryOperator = Literal["-", "+", "not"]
-BINARY_OPS: tuple[str, ...] = BinaryOperator.__args__  # type: ignore[attr-defined]
+BINARY_OPS: tuple[str, ...] = get_args(BinaryOperator)
 COMPARISON_OPS = ("==", "!=", "<", "<=", ">", ">=")
 ParamType = Literal["int", "float", "bool", "str", "shape"]
-PARAM_TYPES: tuple[str, ...] = ParamType.__args__  # type: ignore[attr-defined]
+PARAM_TYPES: tuple[str, ...] = get_args(ParamType)
 
 
 class Node(BaseModel):
