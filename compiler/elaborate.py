@@ -1182,9 +1182,7 @@ class Elaborator:
         if isinstance(x.shape[-1], int) and x.shape[-1] != d:
             self.error("R121", f"experts expect the last dimension to be {d}, got {render_shape(x.shape)}",
                        target.body.span)
-        if not isinstance(gate.choices, int):
-            self.error("R121", f"experts need a known number of choices, but gate `{gate.name}` chooses among "
-                       f"`{gate.choices}` (a run-time size)", target.body.span)
+        assert isinstance(gate.choices, int)  # experts take a topk gate, and topk needs a static count (R132)
         path = join(scope.prefix, target.name)
         if self.lookup_module(path) is None:
             self.register(path, runtime.Experts(gate.choices, d, h, out, activation=act,
