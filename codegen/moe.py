@@ -592,8 +592,14 @@ def _moe_ffn_backward_op(
     a kernel launch. (The reference backward is plain autograd, traced directly: a custom op's body runs
     below the autograd dispatch key, where re-running the reference would record no graph.)
     """
-    grads = moe_ffn_backward_triton(dy, x, weights, indices, w1, w2, activation, w3, b1, b2)
-    return tuple(x.new_empty(0) if g is None else g for g in grads)  # type: ignore[return-value]
+    dx, dweights, dw1, dw2, dw3, db1, db2 = moe_ffn_backward_triton(
+        dy, x, weights, indices, w1, w2, activation, w3, b1, b2)
+    return (dx, dweights, dw1, dw2, _or_empty(dw3, x), _or_empty(db1, x), _or_empty(db2, x))
+
+
+def _or_empty(grad: Optional[Tensor], like: Tensor) -> Tensor:
+    """An absent gradient as a fresh empty [0] tensor (op outputs must not alias each other)."""
+    return like.new_empty(0) if grad is None else grad
 
 
 @_moe_ffn_backward_op.register_fake
