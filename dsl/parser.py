@@ -810,6 +810,7 @@ class _ToAst(Transformer_NonRecursive):
                 modifiers.append(child.call)
             else:
                 combine = child
+        assert combine is not None  # the grammar requires `combine`
         return ast.Paths(span=self._s(meta), name=name.value, inputs=inputs, branches=tuple(branches),
                          combine=combine, modifiers=tuple(modifiers))
 
