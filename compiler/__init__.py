@@ -7,8 +7,12 @@
 
 from __future__ import annotations
 
+import contextlib
+
 from pathlib import Path
 from typing import Any, Optional, Union
+
+import torch
 
 from .. import stdlib
 from ..dsl import read_source
@@ -18,8 +22,12 @@ __all__ = ["compile_source", "compile_file", "load", "RoutedModule"]
 
 
 def compile_source(text: str, filename: str = "<string>", *, model: Optional[str] = None,
-                   fuse: Optional[bool] = None, **params: Any) -> RoutedModule:
+                   fuse: Optional[bool] = None, device: Union[str, torch.device, None] = None,
+                   **params: Any) -> RoutedModule:
     """Compile spec `text`; `model` picks a model or block by name (default: the file's last `model`).
+
+    `device` is where parameters are created (e.g. "cuda"; "meta" checks a paper-size spec without
+    allocating its weights).
 
     `fuse` runs the elementwise fusion pass (`compiler.passes.fusion`); None fuses when the kernels will run
     as Triton (ROUTEC_BACKEND=triton, or CUDA present and the backend not forced to `reference`).
@@ -27,7 +35,8 @@ def compile_source(text: str, filename: str = "<string>", *, model: Optional[str
     from .build import elaborate
     from .passes import fuse_module, should_fuse, verify
 
-    net = elaborate(filename, text, params, model=model)
+    with torch.device(device) if device is not None else contextlib.nullcontext():
+        net = elaborate(filename, text, params, model=model)
     if should_fuse(fuse):
         fuse_module(net)
         verify(net.graph_module)
@@ -35,8 +44,8 @@ def compile_source(text: str, filename: str = "<string>", *, model: Optional[str
 
 
 def compile_file(path: Union[str, Path], *, model: Optional[str] = None, fuse: Optional[bool] = None,
-                 **params: Any) -> RoutedModule:
-    return compile_source(read_source(path), str(path), model=model, fuse=fuse, **params)
+                 device: Union[str, torch.device, None] = None, **params: Any) -> RoutedModule:
+    return compile_source(read_source(path), str(path), model=model, fuse=fuse, device=device, **params)
 
 
 def resolve_spec(spec: Union[str, Path]) -> Path:
@@ -48,6 +57,6 @@ def resolve_spec(spec: Union[str, Path]) -> Path:
 
 
 def load(spec: Union[str, Path], *, model: Optional[str] = None, fuse: Optional[bool] = None,
-         **params: Any) -> RoutedModule:
+         device: Union[str, torch.device, None] = None, **params: Any) -> RoutedModule:
     """Build the module of `spec` (a path or `stdlib:<name>`) with the given parameter values."""
-    return compile_file(resolve_spec(spec), model=model, fuse=fuse, **params)
+    return compile_file(resolve_spec(spec), model=model, fuse=fuse, device=device, **params)

@@ -728,9 +728,36 @@ class Elaborator:
                 return self.runtime_dim(v)
             except KeyError:
                 self.error("R115", f"the size `{v}` is not known when the model runs", span)
+        if isinstance(v, str) and any(op in v for op in ("+", "-", "*", "//")):
+            return self.dim_expression(v, span)
         if isinstance(v, (list, tuple)):
             return type(v)(self.dim_value(x, span) for x in v)
         return v
+
+    def dim_expression(self, text: str, span: Span) -> Any:
+        """A size written with arithmetic on symbols (`B * k`, `L // 4`) as graph nodes computing it."""
+        import ast as pyast
+
+        ops = {pyast.Add: operator.add, pyast.Sub: operator.sub, pyast.Mult: operator.mul,
+               pyast.FloorDiv: operator.floordiv}
+
+        def build(node: pyast.AST) -> Any:
+            if isinstance(node, pyast.Constant) and isinstance(node.value, int):
+                return node.value
+            if isinstance(node, pyast.Name) and node.id in self.known_symbols():
+                return self.runtime_dim(node.id)
+            if isinstance(node, pyast.BinOp) and type(node.op) in ops:
+                left, right = build(node.left), build(node.right)
+                if isinstance(left, int) and isinstance(right, int):
+                    return ops[type(node.op)](left, right)
+                return self._tag(self.ctx.graph.call_function(ops[type(node.op)], (left, right)))
+            self.error("R115", f"the size `{text}` is not known when the model runs", span)
+
+        try:
+            tree = pyast.parse(text, mode="eval").body
+        except SyntaxError:
+            self.error("R115", f"the size `{text}` is not known when the model runs", span)
+        return build(tree)
 
     def known_symbols(self) -> set[str]:
         ctx: Optional[GraphContext] = self.ctx

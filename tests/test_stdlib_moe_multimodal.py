@@ -4,10 +4,9 @@
 blocks, causal multi-head attention without rotary embedding (as the spec, see its header), and PLoRA on the
 experts' projections with peft-style lora_A [r, d_in] / lora_B [d_out, r] applied to image tokens only.
 
-The paper's model (`plora=true`) needs a route branch that reads the image-token mask next to its rows,
-which the language lacks: those comparisons are xfail (strict, RouteError). The text model (`plora=false`)
-is verified, routing decisions included, and the reference's PLoRA is checked on its own (text tokens are
-untouched by the adapters). No randomness at inference.
+The paper's model (`plora=true`, experts reading the image-token mask next to their rows) and the text
+model (`plora=false`) are both verified, routing decisions included, and the reference's PLoRA is checked
+on its own (text tokens are untouched by the adapters). No randomness at inference.
 """
 
 from __future__ import annotations
@@ -19,11 +18,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from routec.dsl.diagnostics import RouteError
 
 SMALL = dict(d=16, layers=2, heads=2, hidden=24, text_vocab=30, image_vocab=10, rank=2, alpha=4.0)
 EXPERTS = 8
-GAP = "a route branch cannot read a per-token tensor (the image-token mask) aligned with its rows"
 
 
 @pytest.fixture(autouse=True)
@@ -303,11 +300,9 @@ def test_text_model_train_step():
     check_train(plora=False)
 
 
-@pytest.mark.xfail(strict=True, raises=RouteError, reason=GAP)
 def test_paper_model_eval_matches_reference():
     check_eval(plora=True)
 
 
-@pytest.mark.xfail(strict=True, raises=RouteError, reason=GAP)
 def test_paper_model_train_step():
     check_train(plora=True)
