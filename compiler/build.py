@@ -307,7 +307,8 @@ def finish(el: Elaborator, d: ast.Definition) -> RoutedModule:
         aux = el.aux_losses[0]
         for extra in el.aux_losses[1:]:
             aux = graph.call_function(operator.add, (aux, extra))
-    graph.output((tuple(nodes), tuple(exits), aux))
+    scores = list(st.scores) if st is not None and any(x is not None for x in st.scores) else []
+    graph.output((tuple(nodes), tuple(exits) + tuple(scores), aux))
     gm = fx.GraphModule(el.root, graph, class_name=d.name)
     gm.graph.eliminate_dead_code()
     gm.recompile()
@@ -322,7 +323,8 @@ def finish(el: Elaborator, d: ast.Definition) -> RoutedModule:
             _attach_param(gm, path, param)
     gm.graph.lint()
     stats = [(kind, name) for kind, name, _ in el.stats]
-    return RoutedModule(gm, d.name, names, exit_names, aux is not None, el.inputs, stats, el.sources)
+    return RoutedModule(gm, d.name, names, exit_names, aux is not None, el.inputs, stats, el.sources,
+                        n_scores=len(scores))
 
 
 def check_final_exit(el: Elaborator, d: ast.Definition, final: Any, classes: Any) -> None:

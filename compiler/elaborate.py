@@ -132,6 +132,7 @@ class ExitState:
     heads: list[Tensor] = field(default_factory=list)
     names: list[str] = field(default_factory=list)
     classes: Any = None
+    scores: list[Optional[fx.Node]] = field(default_factory=list)  # per exit, the score its rule thresholds
     last_survivors: Optional[Tensor] = None  # the last exit head's rows of the samples still running
 
 
@@ -1530,6 +1531,7 @@ class Elaborator:
         st.alive = self.getitem(node, 2)
         st.last_survivors = Tensor(self.getitem(node, 3), head.shape)
         st.heads.append(head)
+        st.scores.append(self.rule_score(decision))
         st.names.append(f"{s.name}[{key}]" if key is not None else s.name)
         for i, (owner, name) in enumerate(list(self.live_owners)):
             old = owner.names[name]
@@ -1552,6 +1554,15 @@ class Elaborator:
             self.error("R152", "an exit rule must be a per-sample condition such as `confidence(head) >= 0.9`, "
                        f"got {self.describe(decision)}", s.rule.span)
         frame.exit = (s.name, head, decision)
+
+    def rule_score(self, decision: Tensor) -> Optional[fx.Node]:
+        """The score a threshold rule compares (`confidence(e)` in `confidence(e) >= 0.9`), returned in
+        training as `exit_scores` for losses on the exit decisions (JEI-DNN's gate, DYNAMAX's classifiers)."""
+        node = decision.node
+        if node.op == "call_function" and node.target in (operator.ge, operator.gt, operator.le, operator.lt) \
+                and isinstance(node.args[0], fx.Node) and len(self.node_shapes.get(id(node.args[0]), ())) == 1:
+            return node.args[0]
+        return None
 
     def exit_array(self, name: str, scope: Scope) -> ExitArray:
         s: Optional[Scope] = scope

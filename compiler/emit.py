@@ -399,7 +399,9 @@ class _Emitter:
                 types.append(f"{t.__name__} = namedtuple({t.__name__!r}, {list(t._fields)!r})")
         outs = [f"outs[{i}]" for i in range(len(net.out_names))]
         train = [o for o, n in zip(outs, net.out_names) if n != "exit_index"]
-        train += ["tuple(exits)"] if net.exit_names else []
+        n_exits = len(net.exit_names)
+        train += [f"tuple(exits[:{n_exits}])"] if net.exit_names else []
+        train += [f"tuple(exits[{n_exits}:])"] if getattr(net, "n_scores", 0) else []
         evals = list(outs)
         if net.has_aux:
             train.append("aux_loss")

@@ -14,7 +14,7 @@ class RoutedModule(nn.Module):
     """A compiled spec. `forward(*inputs)` returns a tensor (one unnamed `out`) or a NamedTuple.
 
     Outputs: the spec's `out`s by name; with exits, training mode adds `exits` (every exit's output, in
-    order) and eval mode gives the per-sample selected `out` and its `exit_index`; gates with auxiliary
+    order) and `exit_scores` (per exit, the score its threshold rule compares, e.g. its confidence) and eval mode gives the per-sample selected `out` and its `exit_index`; gates with auxiliary
     losses add `aux_loss`. Parameter names follow the spec (docs/compiler.md).
     """
 
@@ -23,7 +23,7 @@ class RoutedModule(nn.Module):
     sources: dict[str, str]
 
     def __init__(self, gm: fx.GraphModule, name: str, out_names: list[str], exit_names: list[str],
-                 has_aux: bool, inputs: list, stats: list, sources: dict[str, str]):
+                 has_aux: bool, inputs: list, stats: list, sources: dict[str, str], n_scores: int = 0):
         super().__init__()
         # The graph's modules and parameters are registered here under their spec paths (the same objects),
         # so names, state_dict keys, .to() and DDP see the spec's structure; the GraphModule that runs them
@@ -41,7 +41,9 @@ class RoutedModule(nn.Module):
         self.routing = list(stats)
         object.__setattr__(self, "sources", sources)
         fields = list(out_names)
+        self.n_scores = n_scores
         train_fields = [f for f in fields if f != "exit_index"] + (["exits"] if exit_names else [])
+        train_fields += ["exit_scores"] if n_scores else []
         if has_aux:
             fields.append("aux_loss")
             train_fields.append("aux_loss")
@@ -57,7 +59,9 @@ class RoutedModule(nn.Module):
         if self.training:
             values = [v for n, v in zip(self.out_names, outs) if n != "exit_index"]
             if self.exit_names:
-                values.append(tuple(exits))
+                values.append(tuple(exits[: len(self.exit_names)]))
+            if self.n_scores:
+                values.append(tuple(exits[len(self.exit_names):]))
             if self.has_aux:
                 values.append(aux)
             return values[0] if self._train_type is None else self._train_type(*values)

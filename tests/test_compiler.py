@@ -507,3 +507,14 @@ def test_route_branches_read_per_token_tensors_gathered_with_their_rows():
     adapted = x + lin(lin(x, "adapted.linear"), "adapted.linear_1") * m[..., None]
     want = torch.where((idx == 0)[..., None], plain, adapted) * w[..., None]
     torch.testing.assert_close(net(x, m).out, want)
+
+
+def test_training_returns_the_scores_exit_rules_threshold():
+    net = compile_source(EXIT_SPEC, "exits.route", t=0.3).train()
+    x = torch.randn(5, 64)
+    out = net(x)
+    assert len(out.exit_scores) == len(out.exits) == 4
+    for head, score in zip(out.exits, out.exit_scores):
+        torch.testing.assert_close(score, torch.softmax(head, -1).max(-1).values)
+    sum(out.exit_scores).sum().backward()  # differentiable: a loss on the exit decisions trains the heads
+    assert net.state_dict(keep_vars=True)["layers.0.head.linear.weight"].grad is not None
