@@ -322,7 +322,7 @@ def finish(el: Elaborator, d: ast.Definition) -> RoutedModule:
         if _missing_param(gm, path):
             _attach_param(gm, path, param)
     gm.graph.lint()
-    stats = [(kind, name) for kind, name, _ in el.stats]
+    stats = [(kind, name, node.name) for kind, name, node in el.stats]  # node names: for `routec run`
     return RoutedModule(gm, d.name, names, exit_names, aux is not None, el.inputs, stats, el.sources,
                         n_scores=len(scores))
 

@@ -169,8 +169,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         counts = torch.bincount(idx.cpu(), minlength=len(net.exit_names))
         rates = ", ".join(f"{n}={c / idx.numel():.0%}" for n, c in zip(net.exit_names, counts.tolist()))
         print(f"  exit rates: {rates}")
-    if net.routing:
-        print("  routing: " + ", ".join(f"{kind} {name}" for kind, name in net.routing))
+    for line in routing_statistics(net, xs):
+        print("  " + line)
     print(f"  eval forward: {per * 1000:.2f} ms (batch {args.batch}, {args.device})")
     if args.stats:
         print_launches(args, xs)
@@ -220,6 +220,40 @@ def print_launches(args: argparse.Namespace, xs: list) -> None:
     if not fusable_inputs(*(floats or [torch.zeros(1, device=args.device)])):
         print("  (fused regions ran their PyTorch reference here: use --device cuda, or set ROUTEC_BACKEND=triton "
               "with TRITON_INTERPRET=1, to run the generated kernels)")
+
+
+def routing_statistics(net: Any, xs: list) -> list[str]:
+    """What the gates decided on these inputs: expert (or branch) load for choosing gates, mean weight
+    per choice for soft gates and path gates; scans are listed by name. Runs the graph once more with an
+    fx Interpreter that keeps the routing nodes' values."""
+    import torch
+    import torch.fx as fx
+
+    wanted = {node_name: (kind, name) for kind, name, node_name in net.routing}
+    seen: dict[str, Any] = {}
+
+    class Recorder(fx.Interpreter):
+        def run_node(self, n: fx.Node) -> Any:
+            value = super().run_node(n)
+            if n.name in wanted:
+                seen[n.name] = value
+            return value
+
+    with torch.no_grad():
+        Recorder(net.graph_module).run(*xs)
+    lines = []
+    for node_name, (kind, name) in wanted.items():
+        value = seen.get(node_name)
+        if kind == "scan" or not isinstance(value, torch.Tensor):
+            lines.append(f"{kind} {name}")
+        elif not value.is_floating_point():  # chosen indices: load per choice
+            counts = torch.bincount(value.flatten().cpu())
+            share = counts.float() / max(value.numel(), 1)
+            lines.append(f"{kind} {name} load: " + " ".join(f"{p:.0%}" for p in share.tolist()))
+        else:  # weights per choice
+            mean = value.detach().float().reshape(-1, value.shape[-1]).mean(0)
+            lines.append(f"{kind} {name} mean weights: " + " ".join(f"{w:.2f}" for w in mean.tolist()))
+    return lines
 
 
 def cmd_compile(args: argparse.Namespace) -> int:

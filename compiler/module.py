@@ -38,7 +38,7 @@ class RoutedModule(nn.Module):
         self.exit_names = list(exit_names)
         self.has_aux = has_aux
         self.inputs = list(inputs)
-        self.routing = list(stats)
+        self.routing = list(stats)  # (kind, spec name, fx node name) of every gate, path gate and scan
         object.__setattr__(self, "sources", sources)
         fields = list(out_names)
         self.n_scores = n_scores
