@@ -518,3 +518,14 @@ def test_training_returns_the_scores_exit_rules_threshold():
         torch.testing.assert_close(score, torch.softmax(head, -1).max(-1).values)
     sum(out.exit_scores).sum().backward()  # differentiable: a loss on the exit decisions trains the heads
     assert net.state_dict(keep_vars=True)["layers.0.head.linear.weight"].grad is not None
+
+
+def test_cli_run_prints_expert_load_and_path_weights():
+    done = run_cli("run", str(ROOT / "examples" / "moe.route"), "--batch", "2")
+    assert done.returncode == 0, done.stderr
+    loads = [line for line in done.stdout.splitlines() if "gate g load:" in line]
+    assert len(loads) == 2  # one gate per repeated layer
+    shares = [float(p.rstrip("%")) for p in loads[0].split("load:")[1].split()]
+    assert abs(sum(shares) - 100) <= len(shares)  # rounded percentages of all assignments
+    done = run_cli("run", str(ROOT / "examples" / "paths.route"), "--batch", "2")
+    assert "paths p mean weights:" in done.stdout
