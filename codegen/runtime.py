@@ -163,7 +163,9 @@ class BranchRoute(nn.Module):
 
     def __init__(self, branches: Sequence[nn.Module], mode: str = "rows", extras: Optional[list] = None):
         super().__init__()
-        self.branches = nn.ModuleList(branches)
+        # the branches' modules are registered on the model at their spec paths; holding the branch graphs
+        # outside the registry keeps each parameter under one name in state_dict
+        object.__setattr__(self, "branches", list(branches))
         self.mode = mode
         # per branch, for each outside tensor it reads: whether it travels with the rows (same leading dims)
         self.extras = [list(e) for e in (extras or [[] for _ in branches])]
