@@ -488,6 +488,7 @@ class Elaborator:
         shape: list[Any] = []
         dims = list(base.shape)
         pos = 0
+        tensor_indexed = False
         for sub in e.indices:
             if isinstance(sub, ast.EllipsisIndex):
                 if Ellipsis in items:
@@ -516,6 +517,19 @@ class Elaborator:
                 shape.append(size)
                 pos += 1
             else:
+                value = self.eval(sub, scope)
+                if isinstance(value, Tensor):  # a per-sample choice: `w_gate[task]` (gather along this dim)
+                    if value.dtype != "long":
+                        self.error("R107", f"a tensor index must be long (ids), got {value.describe()}", sub.span)
+                    if tensor_indexed:
+                        self.error("R107", "at most one tensor index per indexing", sub.span)
+                    if pos >= len(dims):
+                        self.error("R107", f"too many indices for {base.describe()}", sub.span)
+                    tensor_indexed = True
+                    items.append(value)
+                    shape += list(value.shape)
+                    pos += 1
+                    continue
                 idx = self.static(sub, scope, "an index")
                 if not isinstance(idx, int):
                     self.error("R107", f"an index must be an int, got {describe(idx)}", sub.span)

@@ -529,3 +529,21 @@ def test_cli_run_prints_expert_load_and_path_weights():
     assert abs(sum(shares) - 100) <= len(shares)  # rounded percentages of all assignments
     done = run_cli("run", str(ROOT / "examples" / "paths.route"), "--batch", "2")
     assert "paths p mean weights:" in done.stdout
+
+
+def test_indexing_a_parameter_by_a_per_sample_id():
+    spec = """
+    model T(d: int = 4, tasks: int = 3, e: int = 5) {
+        in x: [B, d]
+        in task: [B] long
+        param w_gate: [tasks, d, e] = normal(0.1)
+        out (x -> unsqueeze(1)) @ w_gate[task] -> squeeze(1)
+    }
+    """
+    net = compile_source(spec, "t.route")
+    x, task = torch.randn(2, 4), torch.tensor([0, 2])
+    w = net.state_dict()["w_gate"]
+    torch.testing.assert_close(net(x, task), torch.einsum("bd,bde->be", x, w[task]))
+    with pytest.raises(RouteError) as info:
+        compile_source(spec.replace("w_gate[task]", "w_gate[x]"), "t.route")
+    assert info.value.codes == ["R107"]
