@@ -277,3 +277,8 @@ def param_init(kind: str, shape: Sequence[int], *args: float, **kwargs: float) -
     if kind == "linspace":
         return torch.linspace(float(args[0]), float(args[1]), dims[-1]).expand(dims).clone()
     raise LookupError(kind)
+
+
+def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    """GELU with the tanh approximation (GPT-2's)."""
+    return torch.nn.functional.gelu(x, approximate="tanh")

@@ -547,3 +547,13 @@ def test_indexing_a_parameter_by_a_per_sample_id():
     with pytest.raises(RouteError) as info:
         compile_source(spec.replace("w_gate[task]", "w_gate[x]"), "t.route")
     assert info.value.codes == ["R107"]
+
+
+def test_conv3d_tubelets_and_tanh_gelu():
+    spec = "model V(c: int = 3) {\n    in x: [B, c, 4, 8, 8]\n    out x -> Conv3d(c, 6, [2, 4, 4], stride=[2, 4, 4]) -> gelu_tanh\n}\n"
+    net = compile_source(spec, "v.route")
+    x = torch.randn(2, 3, 4, 8, 8)
+    sd = net.state_dict()
+    want = torch.nn.functional.gelu(torch.nn.functional.conv3d(x, sd["conv3d.weight"], sd["conv3d.bias"],
+                                                               stride=(2, 4, 4)), approximate="tanh")
+    torch.testing.assert_close(net(x), want)

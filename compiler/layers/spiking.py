@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from ...codegen import runtime
+from ...codegen import functions, runtime
 from .registry import FuncDef, Param, Shape, ShapeResult, render_shape
 
 
@@ -29,4 +29,5 @@ SPIKING_FUNCS = (
             "spikes of integrate-and-fire neurons along time: [B, T, …] → [B, T, …] (arctan surrogate gradient)"),
     FuncDef("sin", (), torch.sin, _same, "elementwise sine"),
     FuncDef("cos", (), torch.cos, _same, "elementwise cosine"),
+    FuncDef("gelu_tanh", (), functions.gelu_tanh, _same, "GELU with the tanh approximation (GPT-2's)"),
 )

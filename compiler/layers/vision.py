@@ -43,6 +43,22 @@ def _adaptive(kw: dict, shapes: list[Shape]) -> ShapeResult:
     return x[:2] + (kw["size"], kw["size"])
 
 
+def _triple(v) -> tuple:
+    return tuple(v) if isinstance(v, (list, tuple)) else (v, v, v)
+
+
+def _conv3d(kw: dict, shapes: list[Shape]) -> ShapeResult:
+    (x,) = shapes
+    if len(x) != 5:
+        return f"`Conv3d` expects [B, C, T, H, W], got {render_shape(x)}"
+    if isinstance(x[1], int) and x[1] != kw["in_channels"]:
+        return f"`Conv3d({kw['in_channels']}, …)` expects {kw['in_channels']} channels in dimension 1, got {render_shape(x)}"
+    k, s, p = _triple(kw["kernel"]), _triple(kw["stride"]), _triple(kw["padding"])
+    if len(k) != 3 or len(s) != 3 or len(p) != 3 or not all(isinstance(v, int) for v in k + s + p):
+        return "`Conv3d` kernel, stride and padding are ints or three ints each"
+    return (x[0], kw["out_channels"]) + tuple(conv_length(n, k[i], s[i], p[i]) for i, n in enumerate(x[2:]))
+
+
 _POOL_PARAMS = (Param("kernel", "int"), Param("stride", "int", 0, "0: the kernel size"), Param("padding", "int", 0))
 
 VISION_LAYERS = (
@@ -54,6 +70,12 @@ VISION_LAYERS = (
              lambda channels, eps, momentum: construct(nn.BatchNorm1d, channels, eps=eps, momentum=momentum),
              _channels("BatchNorm1d", (2, 3), "[B, C] or [B, C, L]"),
              "batch normalisation over [B, C] or [B, C, L]"),
+    LayerDef("Conv3d", (Param("in_channels", "int"), Param("out_channels", "int"), Param("kernel", "any"),
+                        Param("stride", "any", 1), Param("padding", "any", 0), Param("bias", "bool", True)),
+             lambda in_channels, out_channels, kernel, stride, padding, bias: construct(
+                 nn.Conv3d, in_channels, out_channels, _triple(kernel), stride=_triple(stride),
+                 padding=_triple(padding), bias=bias),
+             _conv3d, "3-d convolution (video tubelets): [B, C, T, H, W] → [B, C', T', H', W']"),
     LayerDef("GroupNorm", (Param("groups", "int"), Param("channels", "int"), Param("eps", "float", 1e-5)),
              lambda groups, channels, eps: construct(nn.GroupNorm, groups, channels, eps=eps),
              _channels("GroupNorm", (2, 3, 4, 5), "[B, C, …]"),
