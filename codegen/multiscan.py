@@ -36,7 +36,7 @@ import triton.language as tl
 from .backend import reference_vjp, use_triton
 
 ROUTE_KINDS_1D = ("forward", "reverse", "random")
-ROUTE_KINDS_2D = ("row", "column", "snake", "column_snake")
+ROUTE_KINDS_2D = ("row", "column", "snake", "column_snake", "diagonal", "antidiagonal", "spiral", "spiral_mirrored")
 ROUTE_KINDS = ROUTE_KINDS_1D + ROUTE_KINDS_2D + tuple(k + "_reverse" for k in ROUTE_KINDS_2D)
 
 
@@ -62,6 +62,9 @@ def route_table(
     if H is None or W is None or H * W != L:
         raise ValueError(f"route_table: 2-D route {kind!r} needs H * W == L, got H={H}, W={W}, L={L}")
     base = kind.removesuffix("_reverse")
+    if base in ("diagonal", "antidiagonal", "spiral", "spiral_mirrored"):
+        route = _sorted_route(base, H, W)
+        return route.flip(0) if kind.endswith("_reverse") else route
     grid = torch.arange(L).reshape(H, W)
     if base in ("column", "column_snake"):
         grid = grid.T.contiguous()  # walk columns as rows
@@ -69,6 +72,34 @@ def route_table(
         grid[1::2] = grid[1::2].flip(1)
     route = grid.reshape(-1)
     return route.flip(0) if kind.endswith("_reverse") else route
+
+
+def _sorted_route(kind: str, H: int, W: int) -> torch.Tensor:
+    """The MHS-VM routes as a sort of the grid cells by their visiting key.
+
+    "diagonal": anti-diagonals i + j = k in turn, walking up-right on even k and down-left on odd k
+    (a zig-zag); "antidiagonal": the same mirrored left-right (j → W-1-j). "spiral": clockwise from the
+    top-left corner ring by ring; "spiral_mirrored": the same mirrored top-bottom (i → H-1-i).
+    """
+    i = torch.arange(H).repeat_interleave(W)  # [L] row of each raster position
+    j = torch.arange(W).repeat(H)
+    if kind in ("antidiagonal", "spiral_mirrored"):  # a mirrored cell takes the key of its mirror image
+        i, j = (i, W - 1 - j) if kind == "antidiagonal" else (H - 1 - i, j)
+        kind = "diagonal" if kind == "antidiagonal" else "spiral"
+    if kind == "diagonal":
+        k = i + j
+        key = k * (H + 1) + torch.where(k % 2 == 0, H - 1 - i, i)
+    else:
+        ring = torch.minimum(torch.minimum(i, j), torch.minimum(H - 1 - i, W - 1 - j))
+        width, height = W - 1 - 2 * ring, H - 1 - 2 * ring  # edge lengths of the ring
+        top = i == ring
+        right = ~top & (j == W - 1 - ring)
+        bottom = ~top & ~right & (i == H - 1 - ring)
+        along = torch.where(top, j - ring, torch.where(
+            right, width + (i - ring), torch.where(
+                bottom, width + height + (W - 1 - ring - j), 2 * width + height + (H - 1 - ring - i))))
+        key = ring * (H * W) + along
+    return torch.argsort(key, stable=True)  # raster positions (row-major) in visiting order
 
 
 def _route_weight(weights: torch.Tensor | None, r: int) -> torch.Tensor | float:

@@ -259,3 +259,15 @@ def test_shape_errors():
         multi_route_linear_scan(a, a, _routes(5), torch.zeros(2, 2))
     with pytest.raises(ValueError, match=r"a must be \[2, 5, 3\] or \[3, 2, 5, 3\]"):
         multi_route_linear_scan(torch.zeros(2, 2, 5, 3), a, _routes(5))
+
+
+def test_mhs_vm_route_tables_on_a_3x3_grid():
+    # raster positions 0 1 2 / 3 4 5 / 6 7 8, worked by hand
+    assert route_table("diagonal", 9, 3, 3).tolist() == [0, 1, 3, 6, 4, 2, 5, 7, 8]
+    assert route_table("antidiagonal", 9, 3, 3).tolist() == [2, 1, 5, 8, 4, 0, 3, 7, 6]
+    assert route_table("spiral", 9, 3, 3).tolist() == [0, 1, 2, 5, 8, 7, 6, 3, 4]
+    assert route_table("spiral_mirrored", 9, 3, 3).tolist() == [6, 7, 8, 5, 2, 1, 0, 3, 4]
+    assert route_table("spiral_reverse", 9, 3, 3).tolist() == [4, 3, 6, 7, 8, 5, 2, 1, 0]
+    for kind in ("diagonal", "antidiagonal", "spiral", "spiral_mirrored"):
+        for h, w in [(1, 5), (4, 2), (5, 7)]:
+            assert sorted(route_table(kind, h * w, h, w).tolist()) == list(range(h * w))
