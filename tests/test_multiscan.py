@@ -169,7 +169,7 @@ def test_route_tables():
     with pytest.raises(ValueError, match="H \\* W == L"):
         route_table("snake", 12, 5, 2)
     with pytest.raises(ValueError, match="kind must be one of"):
-        route_table("spiral", 12, H, W)
+        route_table("zigzag", 12, H, W)
 
 
 def test_gradcheck_reference_ops(reference_backend):
