@@ -207,18 +207,15 @@ def test_train_step_returns_every_exit(kind):
     assert torch.isfinite(loss)
     for name, p in net.named_parameters():
         if "exitclassifier" in name:
-            continue  # the classifiers are trained from their confidences (see the xfail below)
+            continue  # the classifiers are trained from their confidences (exit_scores, tested below)
         assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, name
 
 
-@pytest.mark.xfail(strict=True, reason="compiler lacks: training outputs do not include the exit rules' values, "
-                   "so DYNAMAX's exit classifiers (BCE on their confidences) never run in training")
 def test_train_mode_exposes_classifier_confidences():
     torch.manual_seed(3)
     net, ref = pair("linear", 0.9)
     net.train()
     ids = torch.randint(0, SMALL["vocab"], (4, 6))
     out = net(ids)
-    conf = getattr(out, "gates", None)
-    assert conf is not None, "no classifier confidences in the training output"
+    conf = out.exit_scores  # per exit, the score its rule thresholds: the classifier's confidence
     torch.testing.assert_close(torch.stack(list(conf)), ref(ids)[1])
