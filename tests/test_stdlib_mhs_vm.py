@@ -20,7 +20,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-
 SMALL = dict(d=12, depth=1, heads=3, state=4, t=0.0, size=16, patch=4)
 
 
@@ -274,7 +273,6 @@ def test_scan_head_matches_reference(head, first, second, t):
     got.square().mean().backward()
     for name, p in net.named_parameters():
         assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, name
-
 
 
 @pytest.mark.parametrize("heads", [3, 4])
