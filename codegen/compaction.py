@@ -411,3 +411,75 @@ def should_compact(live_rows: int | Tensor, width: int, device: torch.device | s
     `torch.where` or `torch.cond`). On CPU always compact.
     """
     return live_rows >= compaction_threshold(width, device)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# pack_rows: the data-dependent form used by the compiler's exits and named-branch routes. Eager code (and
+# this op's body, which is always eager) may read the live count; a traced graph sees one opaque op whose
+# output size is an unbacked symbol, so torch.compile(fullgraph=True) and torch.export keep it whole.
+
+
+def pack_rows_reference(keep: Tensor, xs: list[Tensor], min_rows: int = 0) -> list[Tensor]:
+    """[rows, x[rows] for x in xs]: the kept rows in order, padded by repeating the last kept row up to
+    min(min_rows, N) rows (a floor that keeps BLAS on its batched kernels, see runtime.survivors)."""
+    rows = keep.nonzero().squeeze(-1)
+    floor = min(min_rows, keep.shape[0])
+    if 0 < rows.numel() < floor:
+        rows = torch.cat([rows, rows[-1:].expand(floor - rows.numel())])
+    return [rows] + [x.index_select(0, rows) for x in xs]
+
+
+def _pack_rows_triton(keep: Tensor, xs: list[Tensor], min_rows: int) -> list[Tensor]:
+    perm, count = compact_forward(keep)
+    live = int(count.item())  # the op's body is eager: the packed size is read once, here
+    rows = perm[:live]
+    floor = min(min_rows, keep.shape[0])
+    if 0 < live < floor:
+        rows = torch.cat([rows, rows[-1:].expand(floor - live)])
+    source = rows.contiguous()  # gather_rows reads x[source[j]] for j < count
+    n = torch.full_like(count, rows.numel())
+    packed = [gather_rows_forward(x.reshape(x.shape[0], -1), source, n, rows.numel()).reshape(rows.numel(), *x.shape[1:])
+              for x in xs]
+    return [rows.clone()] + packed
+
+
+@torch.library.custom_op("routec::pack_rows", mutates_args=())
+def _pack_rows_op(keep: Tensor, xs: list[Tensor], min_rows: int) -> list[Tensor]:
+    if use_triton(keep, *xs) and all(x.is_floating_point() for x in xs):
+        return _pack_rows_triton(keep, xs, min_rows)
+    return [t.clone() for t in pack_rows_reference(keep, xs, min_rows)]
+
+
+@_pack_rows_op.register_fake
+def _(keep: Tensor, xs: list[Tensor], min_rows: int) -> list[Tensor]:
+    n = torch.library.get_ctx().new_dynamic_size()
+    return [keep.new_empty(n, dtype=torch.int64)] + [x.new_empty(n, *x.shape[1:]) for x in xs]
+
+
+def _pack_setup(ctx, inputs, output) -> None:
+    keep, xs, _ = inputs
+    ctx.shapes = [x.shape for x in xs]
+    ctx.save_for_backward(output[0], keep)
+
+
+def _pack_backward(ctx, grads: list[Tensor]):
+    rows, keep = ctx.saved_tensors
+    real = int(keep.sum().item())  # padded duplicates carry copies of a real row's gradient: count it once
+    dxs = []
+    for shape, g in zip(ctx.shapes, grads[1:]):
+        if g is None:
+            dxs.append(None)
+            continue
+        dxs.append(g.new_zeros(shape).index_add(0, rows[:real], g[:real]))
+    return None, dxs, None
+
+
+_pack_rows_op.register_autograd(_pack_backward, setup_context=_pack_setup)
+
+
+def pack_rows(keep: Tensor, xs: list[Tensor], *, min_rows: int = 0) -> list[Tensor]:
+    """keep: bool [N]; xs: tensors [N, ...] -> [rows int64 [n], x[rows] [n, ...] for each x]: the kept rows
+    in their original order (n = the kept count, or min(min_rows, N) when fewer are kept: the last kept row
+    repeats, and these padding copies are detached — gradients reach x through the real rows only).
+    Differentiable in xs (Triton path: `compact` + `gather_rows` on floating tensors)."""
+    return torch.ops.routec.pack_rows(keep, list(xs), int(min_rows))

@@ -11,7 +11,7 @@ only re-exports them.
 from .lif import lif_scan
 from .scan import linear_scan, selective_scan
 from .combine import gated_combine
-from .compaction import bucket_capacity, compact, gather_rows, scatter_rows, should_compact
+from .compaction import bucket_capacity, compact, gather_rows, pack_rows, scatter_rows, should_compact
 from .exits import exit_merge, exit_scores, linear_exit, select_first_exit
 from .rnn import gru_scan, leaky_rnn_scan, lstm_scan
 from .router import RouterOutput, route_tokens, topk_gate

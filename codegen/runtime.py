@@ -196,9 +196,11 @@ class BranchRoute(nn.Module):
         for p, branch in enumerate(self.branches):
             hit = idx == p  # [N, k]
             wp = (w * hit.to(w.dtype)).sum(-1)  # [N]
-            rows = hit.any(-1).nonzero().squeeze(-1)
-            inputs = [e.index_select(0, rows) if rowwise else e for e, rowwise in zip(per_branch[p], self.extras[p])]
-            yp = branch(xs.index_select(0, rows), *inputs)
+            travelling = [e for e, rowwise in zip(per_branch[p], self.extras[p]) if rowwise]
+            rows, chosen, *moved = ops.pack_rows(hit.any(-1), [xs, *travelling])
+            gathered = iter(moved)
+            inputs = [next(gathered) if rowwise else e for e, rowwise in zip(per_branch[p], self.extras[p])]
+            yp = branch(chosen, *inputs)
             yp = yp * wp.index_select(0, rows).reshape(-1, *([1] * (yp.dim() - 1)))
             if out is None:
                 out = xs.new_zeros(xs.shape[0], *yp.shape[1:], dtype=yp.dtype)
@@ -213,10 +215,12 @@ class BranchRoute(nn.Module):
             wp = (weights * hit.to(weights.dtype)).sum(-1)  # [B, N]
             chosen = hit.any(-1)
             for b in range(x.shape[0]):
-                rows = chosen[b].nonzero().squeeze(-1)
-                inputs = [e[b].index_select(0, rows).unsqueeze(0) if rowwise else e
+                travelling = [e[b] for e, rowwise in zip(per_branch[p], self.extras[p]) if rowwise]
+                rows, tokens, *moved = ops.pack_rows(chosen[b], [x[b], *travelling])
+                gathered = iter(moved)
+                inputs = [next(gathered).unsqueeze(0) if rowwise else e
                           for e, rowwise in zip(per_branch[p], self.extras[p])]
-                yb = branch(x[b].index_select(0, rows).unsqueeze(0), *inputs).squeeze(0)
+                yb = branch(tokens.unsqueeze(0), *inputs).squeeze(0)
                 yb = yb * wp[b].index_select(0, rows).unsqueeze(-1)
                 if out is None:
                     out = x.new_zeros(*x.shape[:-1], yb.shape[-1], dtype=yb.dtype)
@@ -264,22 +268,10 @@ class PathCombine(nn.Module):
         return ops.gated_combine(stacked, weights)
 
 
+# Packed batches keep at least this many rows (the last survivor repeats): BLAS takes other kernels (other
+# summation orders) for very small matrices, so without the floor a sample's result would depend on how many
+# others left; duplicated rows compute identical values and write the same place.
 MIN_PACKED_ROWS = 8
-
-
-def survivors(stay: Tensor, n: int) -> Tensor:
-    """Row indices of the samples that stay, padded by repeating the last one to at least
-    min(MIN_PACKED_ROWS, n) rows. BLAS takes other kernels (other summation orders) for very small
-    matrices, so without the floor a sample's result would depend on how many others left; duplicated
-    rows compute identical values and write the same place. (Eager only: a traced graph cannot branch on the
-    live count.)"""
-    rows = stay.nonzero().squeeze(-1)
-    floor = min(MIN_PACKED_ROWS, n)
-    if torch.compiler.is_compiling():  # traced graphs keep the unpadded (data-dependent) size
-        return rows
-    if 0 < rows.numel() < floor:
-        rows = torch.cat([rows, rows[-1:].expand(floor - rows.numel())])
-    return rows
 
 
 @recorded
@@ -302,11 +294,10 @@ class ExitPoint(nn.Module):
         if self.training:
             return (out, index, alive, logits, *live)
         leave = decision.reshape(-1).to(torch.bool)
-        rows = alive[leave]
-        out = out.index_put((rows,), logits[leave].to(out.dtype))
-        index = index.index_put((rows,), torch.full_like(rows, self.position))
-        stay = survivors(~leave, out.shape[0])
-        return (out, index, alive[stay], logits[stay], *(t[stay] for t in live))
+        out = out.index_put((alive,), torch.where(leave[:, None], logits.to(out.dtype), out[alive]))
+        index = index.index_put((alive,), torch.where(leave, torch.full_like(alive, self.position), index[alive]))
+        _, alive, logits, *live = ops.pack_rows(~leave, [alive, logits, *live], min_rows=MIN_PACKED_ROWS)
+        return (out, index, alive, logits, *live)
 
 
 @recorded
@@ -400,14 +391,13 @@ class ScanLoop(nn.Module):
             if out is None:
                 out = head.new_zeros(n, *head.shape[1:])
             leave = decision if step_no < length - 1 else torch.ones_like(decision)
-            rows = alive[leave]
-            out = out.index_put((rows,), head[leave])
-            index = index.index_put((rows,), torch.full_like(rows, t))
-            final = [f.index_put((rows,), s[leave]) for f, s in zip(final, states)]
-            stay = survivors(~leave, n)
-            alive = alive[stay]
-            states = [s[stay] for s in states]
-            live_captured = [c[stay] if b else c for c, b in zip(live_captured, self.batched)]
+            out = out.index_put((alive,), torch.where(_rows(leave, head), head, out[alive]))
+            index = index.index_put((alive,), torch.where(leave, torch.full_like(alive, t), index[alive]))
+            final = [f.index_put((alive,), torch.where(_rows(leave, s), s, f[alive])) for f, s in zip(final, states)]
+            travelling = [c for c, b in zip(live_captured, self.batched) if b]
+            _, alive, *packed = ops.pack_rows(~leave, [alive, *states, *travelling], min_rows=MIN_PACKED_ROWS)
+            states, moved = packed[: len(states)], iter(packed[len(states):])
+            live_captured = [next(moved) if b else c for c, b in zip(live_captured, self.batched)]
         assert out is not None
         stacked = [e if e is not None else out.new_zeros(n, length) for e in emits]
         return (*final, *stacked, out, index, out.unsqueeze(1).expand(n, length, *out.shape[1:]))
@@ -419,3 +409,8 @@ def lif(x: Tensor, beta: float = 1.0, threshold: float = 1.0, reset: str = "subt
     flat = x.reshape(x.shape[0], x.shape[1], -1)
     spikes, _ = ops.lif_scan(flat, beta=beta, threshold=threshold, reset=reset)
     return spikes.reshape(x.shape)
+
+
+def _rows(mask: Tensor, like: Tensor) -> Tensor:
+    """A per-row mask [n] shaped to broadcast against `like` [n, ...]."""
+    return mask.reshape(-1, *([1] * (like.dim() - 1)))

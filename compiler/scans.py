@@ -57,7 +57,8 @@ class ScanFrame:
         key = id(base.node)
         if key not in self.seqs:
             graph = el.ctx.graph
-            first = next((n for n in graph.nodes if n.op != "placeholder"), None)
+            # step slices go before any captured tensor: ScanLoop passes (states, slices, captured)
+            first = next((n for n in graph.nodes if n.op != "placeholder" or n.name.startswith("captured_")), None)
             if first is None:
                 ph = graph.placeholder(f"step_{len(self.seqs)}")
             else:

@@ -10,6 +10,7 @@ import torch
 
 from routec.codegen import compaction as comp
 from routec.codegen import exits as ex
+from routec.codegen import ops
 from routec.codegen.ops import (
     bucket_capacity,
     compact,
@@ -471,3 +472,33 @@ def test_compacted_eval_equals_select(triton_backend, threshold):
         assert (want_index == 0).all()
     if threshold > 1:
         assert (want_index == depth - 1).all()
+
+
+@pytest.mark.parametrize("n,min_rows", [(1, 0), (17, 0), (17, 8), (5, 8)])
+def test_pack_rows_triton_matches_boolean_indexing(n, min_rows, monkeypatch):
+    monkeypatch.setenv("ROUTEC_BACKEND", "triton")
+    g = torch.Generator().manual_seed(n)
+    keep = torch.rand(n, generator=g) < 0.3
+    keep[0] = True
+    x = torch.randn(n, 3, 2, generator=g, requires_grad=True)
+    ids = torch.arange(n) * 10
+    rows, px, pids = ops.pack_rows(keep, [x, ids], min_rows=min_rows)
+    want = keep.nonzero().squeeze(-1)  # independent: boolean indexing, then the padding rule by hand
+    if 0 < want.numel() < min(min_rows, n):
+        want = torch.cat([want, want[-1:].repeat(min(min_rows, n) - want.numel())])
+    assert torch.equal(rows, want) and torch.equal(px, x.detach()[want]) and torch.equal(pids, ids[want])
+    px.sum().backward()  # padding copies are detached: each kept row gets its gradient once
+    assert torch.equal(x.grad, keep[:, None, None].float().expand_as(x))
+
+
+def test_pack_rows_compiles_fullgraph_with_a_data_dependent_size(monkeypatch):
+    monkeypatch.setenv("ROUTEC_BACKEND", "reference")
+
+    def f(keep, x):
+        rows, px = ops.pack_rows(keep, [x])
+        return px * 2, rows
+
+    keep, x = torch.tensor([True, False, True]), torch.randn(3, 4)
+    torch._dynamo.reset()
+    got, rows = torch.compile(f, fullgraph=True, backend="aot_eager")(keep, x)
+    assert torch.equal(rows, torch.tensor([0, 2])) and torch.equal(got, x[[0, 2]] * 2)

@@ -557,3 +557,25 @@ def test_conv3d_tubelets_and_tanh_gelu():
     want = torch.nn.functional.gelu(torch.nn.functional.conv3d(x, sd["conv3d.weight"], sd["conv3d.bias"],
                                                                stride=(2, 4, 4)), approximate="tanh")
     torch.testing.assert_close(net(x), want)
+
+
+def test_step_loop_binds_slices_read_after_a_captured_parameter():
+    spec = """
+    model StepOrder(d: int = 3) {
+        in u: [B, T, d]
+        in g: [B, T, d]
+        param a: [d] = 0.5
+        scan h over u.T init zeros([B, d]) {
+            h = tanh(exp(a * u.t) * h + g.t)
+            emit y = h
+        }
+        out y
+    }
+    """
+    net = compile_source(spec, "s.route")
+    u, g = torch.randn(2, 5, 3), torch.randn(2, 5, 3)
+    h, ys = torch.zeros(2, 3), []
+    for t in range(5):
+        h = torch.tanh(torch.exp(0.5 * u[:, t]) * h + g[:, t])
+        ys.append(h)
+    torch.testing.assert_close(net(u, g), torch.stack(ys, 1))
