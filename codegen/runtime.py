@@ -230,28 +230,53 @@ class BranchRoute(nn.Module):
 
 
 @recorded
+class EnsemblePaths(nn.Module):
+    """`paths … combine mode ensemble(n=E)`: the branches as graphs of their own (each reading its inputs
+    from `captured`), combined by `mode` with per-sample path dropping in training; eval averages E full
+    passes — every pass re-runs the branches, so whatever they sample (pathways, shuffles, drops) is drawn
+    afresh: the sub-model ensemble of Information Pathways / SSA. The branch modules are registered on the
+    model at their spec paths; the graphs are held outside the registry."""
+
+    def __init__(self, branches: Sequence[nn.Module], inputs: Sequence[int], mode: str, dim: int = -1,
+                 drop: float = 0.0, ensemble: int = 1):
+        super().__init__()
+        object.__setattr__(self, "branches", list(branches))
+        self.inputs, self.ensemble = list(inputs), ensemble
+        self.combine = PathCombine(mode, dim=dim, drop=drop)
+
+    def _once(self, captured: tuple) -> Tensor:
+        outs, i = [], 0
+        for branch, n in zip(self.branches, self.inputs):
+            outs.append(branch(*captured[i: i + n]))
+            i += n
+        return self.combine(*outs, sampled=True)
+
+    def forward(self, *captured: Tensor) -> Tensor:
+        if self.training or self.ensemble <= 1:
+            return self._once(captured)
+        return torch.stack([self._once(captured) for _ in range(self.ensemble)]).mean(0)
+
+
+@recorded
 class PathCombine(nn.Module):
     """The aggregator of `paths`: sum, mean, max, concat(dim) or a weighted sum by gate weights.
 
     `drop` > 0 drops each path per sample with that probability in training (rescaling the kept ones, as
-    stochastic depth does); eval uses every path, or with `ensemble` = n averages n sampled sub-networks
-    (the pathway ensemble of Information Pathways / SSA).
+    stochastic depth does), and in eval when called with `sampled=True` by an ensemble pass.
     """
 
-    def __init__(self, mode: str, dim: int = -1, drop: float = 0.0, ensemble: int = 0):
+    def __init__(self, mode: str, dim: int = -1, drop: float = 0.0):
         super().__init__()
-        self.mode, self.dim, self.drop, self.ensemble = mode, dim, drop, ensemble
+        self.mode, self.dim, self.drop = mode, dim, drop
 
     def _dropped(self, stacked: Tensor) -> Tensor:
         keep = torch.rand(stacked.shape[0], stacked.shape[1], device=stacked.device) >= self.drop
         scale = keep.to(stacked.dtype) / (1 - self.drop)
         return stacked * scale.reshape(*scale.shape, *([1] * (stacked.dim() - 2)))
 
-    def forward(self, *paths: Tensor, weights: Optional[Tensor] = None) -> Tensor:
+    def forward(self, *paths: Tensor, weights: Optional[Tensor] = None, sampled: bool = False) -> Tensor:
         stacked = torch.stack(paths, 0)  # [P, *S]
-        if self.drop > 0 and not self.training and self.ensemble > 0:
-            return torch.stack([self._combine(self._dropped(stacked), weights) for _ in range(self.ensemble)]).mean(0)
-        if self.training and self.drop > 0:
+        if self.drop > 0 and (self.training or sampled):
             stacked = self._dropped(stacked)
         return self._combine(stacked, weights)
 

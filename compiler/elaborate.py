@@ -1367,6 +1367,10 @@ class Elaborator:
     # ------------------------------------------------------------------ paths
 
     def stmt_Paths(self, s: ast.Paths, scope: Scope) -> None:
+        drop, ensemble = self.path_modifiers(s, scope)
+        if ensemble > 0:
+            self.ensemble_paths(s, scope, drop, ensemble)
+            return
         prefix = join(scope.prefix, s.name)
         values: list[Tensor] = []
         for br in s.branches:
@@ -1380,29 +1384,6 @@ class Elaborator:
             values.append(v)
         if not values:
             self.error("R140", f"`paths {s.name}` has no branches", s.span)
-        drop, ensemble = 0.0, 0
-        for m in s.modifiers:
-            mname = getattr(m.func, "id", "")
-            kw = {k.name: self.static(k.value, scope, "a modifier option") for k in m.kwargs}
-            pos = [self.static(a, scope, "a modifier option") for a in m.args]
-            if mname == "sample":
-                drop = kw.get("drop", pos[0] if pos else 0.0)
-                if not _is_number(drop):
-                    self.error("R141", f"`sample(drop=…)` needs a number, got {describe(drop)}", m.span)
-                drop = float(drop)
-                if not 0.0 <= drop < 1.0:
-                    self.error("R141", f"`sample(drop=…)` needs 0 ≤ drop < 1, got {drop}", m.span)
-            elif mname == "ensemble":
-                ensemble = kw.get("n", pos[0] if pos else 0)
-                if not _is_number(ensemble) or ensemble != int(ensemble):
-                    self.error("R141", f"`ensemble(n=…)` needs an int, got {describe(ensemble)}", m.span)
-                ensemble = int(ensemble)
-                if ensemble < 1:
-                    self.error("R141", f"`ensemble(n=…)` needs n ≥ 1, got {ensemble}", m.span)
-            else:
-                self.error("R141", f"unknown paths modifier `{mname}` (known: sample(drop=p), ensemble(n=k))",
-                           m.span)
-        self.path_options = (drop, ensemble)
         agg = s.combine
         cprefix = join(prefix, "combine")
         path = join(prefix, "combine_op")
@@ -1438,6 +1419,79 @@ class Elaborator:
         self.error("R143", f"unknown aggregator `{name}`; use sum, mean, max, concat(dim), "
                    "softmax_gate(layer, on=…), sigmoid_gate(layer, on=…) or `gate g`", agg.span,
                    help=f"did you mean `{close[0]}`?" if close else None)
+
+    def path_modifiers(self, s: ast.Paths, scope: Scope) -> tuple[float, int]:
+        drop, ensemble = 0.0, 0
+        for m in s.modifiers:
+            mname = getattr(m.func, "id", "")
+            kw = {k.name: self.static(k.value, scope, "a modifier option") for k in m.kwargs}
+            pos = [self.static(a, scope, "a modifier option") for a in m.args]
+            if mname == "sample":
+                drop = kw.get("drop", pos[0] if pos else 0.0)
+                if not _is_number(drop):
+                    self.error("R141", f"`sample(drop=…)` needs a number, got {describe(drop)}", m.span)
+                drop = float(drop)
+                if not 0.0 <= drop < 1.0:
+                    self.error("R141", f"`sample(drop=…)` needs 0 ≤ drop < 1, got {drop}", m.span)
+            elif mname == "ensemble":
+                ensemble = kw.get("n", pos[0] if pos else 0)
+                if not _is_number(ensemble) or ensemble != int(ensemble):
+                    self.error("R141", f"`ensemble(n=…)` needs an int, got {describe(ensemble)}", m.span)
+                ensemble = int(ensemble)
+                if ensemble < 1:
+                    self.error("R141", f"`ensemble(n=…)` needs n ≥ 1, got {ensemble}", m.span)
+            else:
+                self.error("R141", f"unknown paths modifier `{mname}` (known: sample(drop=p), ensemble(n=k))",
+                           m.span)
+        return drop, ensemble
+
+    def ensemble_paths(self, s: ast.Paths, scope: Scope, drop: float, ensemble: int) -> None:
+        """`paths … combine mode ensemble(n=E)`: the branches become graphs of their own that the combine
+        module re-runs E times in eval (fresh randomness in every pass: sampled pathways, shuffles, path
+        drops) and averages; training runs them once."""
+        agg = s.combine
+        mode = agg.id if isinstance(agg, ast.Name) else getattr(getattr(agg, "func", None), "id", None)
+        if mode not in COMBINE_MODES:
+            self.error("R141", "`ensemble(n=…)` re-runs the paths, so it combines them with sum, mean, max or "
+                       "concat(dim)", agg.span)
+        dim = -1
+        if isinstance(agg, ast.Call) and agg.args:
+            dim = self.static(agg.args[0], scope, "a concat dimension")
+        prefix = join(scope.prefix, s.name)
+        graphs, captured, values = [], [], []
+        for br in s.branches:
+            ctx = GraphContext(fx.Graph(), parent=self.ctx)
+            saved = self.ctx, self.stmt_span, self.stmt_text
+            self.ctx = ctx
+            try:
+                sub = scope.child(join(prefix, br.name))
+                sub.anon = {}
+                value = self.eval(br.value, sub)
+                if value is POISON:
+                    raise Abort()
+                if not isinstance(value, Tensor):
+                    self.error("R140", f"path `{br.name}` must give a tensor, got {self.describe(value)}",
+                               br.value.span)
+                ctx.graph.output(value.node)
+            finally:
+                self.ctx, self.stmt_span, self.stmt_text = saved
+            graphs.append(fx.GraphModule(self.root, ctx.graph))
+            captured.append([outer for outer, _ in ctx.captures.values()])
+            values.append(value)
+        if mode != "concat":
+            self.require_equal_shapes(s, values, mode)
+        path = join(prefix, "combine_op")
+        if self.lookup_module(path) is None:
+            self.register(path, runtime.EnsemblePaths(graphs, [len(c) for c in captured], mode, dim=dim, drop=drop,
+                                                      ensemble=ensemble))
+        node = self.call_module(path, tuple(n for c in captured for n in c))
+        shape = values[0].shape
+        if mode == "concat":
+            d = dim % len(shape)
+            sizes = [v.shape[d] for v in values]
+            total: int | str = sum(x for x in sizes if isinstance(x, int)) if all(isinstance(x, int) for x in sizes) else "?"
+            shape = shape[:d] + (total,) + shape[d + 1:]
+        scope.names[s.name] = Tensor(node, shape)
 
     def require_equal_shapes(self, s: ast.Paths, values: list[Tensor], mode: str) -> None:
         first = values[0].shape
@@ -1477,7 +1531,7 @@ class Elaborator:
     def combine(self, path: str, mode: str, s: ast.Paths, values: list[Tensor], weights: Optional[Tensor],
                 drop: float, scope: Scope, dim: int = -1) -> None:
         if self.lookup_module(path) is None:
-            self.register(path, runtime.PathCombine(mode, dim=dim, drop=drop, ensemble=self.path_options[1]))
+            self.register(path, runtime.PathCombine(mode, dim=dim, drop=drop))
         kwargs = {}
         if weights is not None:
             # gate weights [*lead, P] broadcast from the left against the paths' [*S]

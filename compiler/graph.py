@@ -28,7 +28,7 @@ STYLES = {
 }
 MODULE_KINDS = {
     runtime.TopKGate: "gate", runtime.SoftGate: "gate", runtime.HardGate: "gate",
-    runtime.Experts: "route", runtime.BranchRoute: "route", runtime.PathCombine: "paths",
+    runtime.Experts: "route", runtime.BranchRoute: "route", runtime.PathCombine: "paths", runtime.EnsemblePaths: "paths",
     runtime.ExitPoint: "exit", runtime.ExitFinal: "exit", runtime.ScanLoop: "scan",
 }
 SCAN_OPS = {ops.linear_scan, ops.leaky_rnn_scan, ops.selective_scan, ops.lif_scan}

@@ -579,3 +579,36 @@ def test_step_loop_binds_slices_read_after_a_captured_parameter():
         h = torch.tanh(torch.exp(0.5 * u[:, t]) * h + g[:, t])
         ys.append(h)
     torch.testing.assert_close(net(u, g), torch.stack(ys, 1))
+
+
+def test_path_ensemble_reruns_the_branches_in_eval():
+    spec = """
+    model E(d: int = 4) {
+        in x: [B, L, d]
+        paths p(x) {
+            shuffled: x -> permute(1, random) -> Linear(d, d) -> mean(1)
+        } combine mean ensemble(n=3)
+        out p
+    }
+    """
+    torch.manual_seed(0)
+    net = compile_source(spec, "e.route").eval()
+    x = torch.randn(2, 5, 4)
+    drawn = []
+    real = torch.randperm
+
+    def recording(*args, **kwargs):
+        perm = real(*args, **kwargs)
+        drawn.append(perm)
+        return perm
+
+    torch.randperm = recording
+    try:
+        out = net(x)
+    finally:
+        torch.randperm = real
+    assert len(drawn) == 3  # one fresh shuffle per ensemble pass
+    sd = net.state_dict()
+    want = torch.stack([(x[:, perm] @ sd["p.shuffled.linear.weight"].T + sd["p.shuffled.linear.bias"]).mean(1)
+                        for perm in drawn]).mean(0)
+    torch.testing.assert_close(out, want)

@@ -189,9 +189,6 @@ def test_ssa_train_step(drawn):
         assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, name
 
 
-@pytest.mark.xfail(strict=True, reason="compiler lacks a re-sampled ensemble: `paths … ensemble(n=E)` evaluates "
-                   "its branches once and only re-samples path-drop masks, so the E pathway sets of SSA's sub-model "
-                   "ensemble (E stochastic passes, averaged) are never drawn")
 def test_sub_model_ensemble_averages_independent_pathway_samples(drawn):
     torch.manual_seed(5)
     net, ref = pair(ensemble=3)
