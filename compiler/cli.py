@@ -7,6 +7,7 @@ a Python traceback is a bug. Exit codes: 0 success, 1 errors in the input, 2 bad
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from importlib import metadata
@@ -124,14 +125,71 @@ def build(args: argparse.Namespace, fuse: Optional[bool] = None):
     return load(spec_path(args.spec), model=args.model, fuse=fuse, **parse_params(args.param))
 
 
+class RunError(Exception):
+    """A failure of `routec run` that is the input's, reported as one message."""
+
+
+def check_memory(args: argparse.Namespace) -> None:
+    """Refuse to build a model whose parameters cannot fit (it is built on the meta device first)."""
+    import torch
+
+    from . import load
+
+    meta = load(spec_path(args.spec), model=args.model, fuse=False, device="meta", **parse_params(args.param))
+    need = sum(p.numel() * p.element_size() for p in meta.parameters())
+    if args.device.startswith("cuda") and torch.cuda.is_available():
+        free = torch.cuda.mem_get_info()[0]
+    elif hasattr(os, "sysconf") and "SC_AVPHYS_PAGES" in os.sysconf_names:
+        free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    else:
+        return
+    if need > 0.7 * free:
+        raise RunError(f"{meta.spec_name} has {sum(p.numel() for p in meta.parameters()):,} parameters "
+                       f"({need / 2**30:.1f} GiB), more than {args.device} has free ({free / 2**30:.1f} GiB); "
+                       "pass smaller sizes with --param (see the spec's header for test sizes)")
+
+
+def runtime_failure(net: Any, xs: list, err: Exception) -> str:
+    """Which `.route` statement a run-time error came from: re-run the graph node by node."""
+    import torch.fx as fx
+
+    from .meta import ROUTE_SPAN
+
+    failing: dict[str, Any] = {}
+
+    class Finder(fx.Interpreter):
+        def run_node(self, n: fx.Node) -> Any:
+            try:
+                return super().run_node(n)
+            except Exception:
+                failing.setdefault("span", n.meta.get(ROUTE_SPAN))
+                raise
+
+    try:
+        Finder(net.graph_module).run(*xs)
+    except Exception:  # the same failure, now located
+        pass
+    span = failing.get("span")
+    first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    message = f"the model failed at run time: {first}"
+    if span is None:
+        return f"routec: error[R900]: {message}"
+    from ..dsl.diagnostics import Diagnostic, render_diagnostic
+
+    return render_diagnostic(Diagnostic(code="R900", message=message, span=span), net.sources)
+
+
 def random_inputs(module: Any, batch: int, length: int, device: str) -> list:
     import torch
 
     xs = []
+    # one size per symbol across all inputs: the first input's leading symbol is the batch, others `length`
+    first = module.inputs[0][1][0] if module.inputs and module.inputs[0][1] else None
+    size_of = {first: batch} if isinstance(first, str) else {}
     for name, dims, dtype in module.inputs:
         sizes = []
-        for i, d in enumerate(dims):
-            sizes.append(d if isinstance(d, int) else (batch if i == 0 else length))
+        for d in dims:
+            sizes.append(d if isinstance(d, int) else size_of.setdefault(d, length))
         if dtype in ("long", "int"):
             xs.append(torch.randint(0, 2, sizes, device=device))
         else:
@@ -144,6 +202,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     torch.manual_seed(args.seed)
     t0 = time.perf_counter()
+    check_memory(args)
     net = build(args, fuse=args.fuse).to(args.device)
     compile_s = time.perf_counter() - t0
     xs = random_inputs(net, args.batch, args.length, args.device)
@@ -152,6 +211,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     for (name, dims, dtype), x in zip(net.inputs, xs):
         print(f"  in  {name}: {list(x.shape)} {dtype or 'float'}")
     net.eval()
+    try:
+        with torch.no_grad():
+            net(*xs)
+    except (RuntimeError, ValueError, IndexError, TypeError) as err:
+        raise RunError(runtime_failure(net, xs, err)) from err
     with torch.no_grad():
         out = net(*xs)
         start = time.perf_counter()
@@ -355,6 +419,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 1
     except OSError as err:
         sys.stderr.write(f"routec: {err}\n")
+        return 1
+    except RunError as err:
+        sys.stderr.write(f"{err}\n")
         return 1
     except KeyboardInterrupt:
         return 130

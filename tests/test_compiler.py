@@ -612,3 +612,14 @@ def test_path_ensemble_reruns_the_branches_in_eval():
     want = torch.stack([(x[:, perm] @ sd["p.shuffled.linear.weight"].T + sd["p.shuffled.linear.bias"]).mean(1)
                         for perm in drawn]).mean(0)
     torch.testing.assert_close(out, want)
+
+
+def test_cli_run_time_failures_point_at_the_statement_and_oversized_models_are_refused(tmp_path):
+    bad = tmp_path / "bad.route"
+    bad.write_text("model Bad(d: int = 4) {\n    in x: [B, T, d]\n    y = x -> reshape(B, 5, d)\n    out y\n}\n")
+    done = run_cli("run", str(bad), "--batch", "2", "--length", "3")
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    assert done.stderr.startswith(f"{bad}:3:5: error[R900]: the model failed at run time")
+    done = run_cli("run", str(ROOT / "examples" / "moe.route"), "--param", "d=2000000")
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    assert "pass smaller sizes with --param" in done.stderr
