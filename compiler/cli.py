@@ -425,6 +425,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
+    except Exception as err:  # a bug in routec, not in the input: one line, no traceback (ROUTEC_DEBUG=1 shows it)
+        if os.environ.get("ROUTEC_DEBUG") == "1":
+            raise
+        sys.stderr.write(f"routec: internal error ({type(err).__name__}: {err}); rerun with ROUTEC_DEBUG=1 for "
+                         "the traceback and please report it\n")
+        return 2
 
 
 if __name__ == "__main__":
