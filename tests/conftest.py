@@ -11,6 +11,9 @@ of comparing; review the diff before committing it.
 from __future__ import annotations
 
 import difflib
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -62,3 +65,35 @@ class Golden:
 @pytest.fixture
 def golden(request: pytest.FixtureRequest) -> Golden:
     return Golden(GOLDEN_DIR, bool(request.config.getoption("--update-golden")))
+
+
+def _compile_for_sm90(module, specs, num_warps=4):
+    """Compile kernels for an H100 (sm_90) without a GPU: front end, lowering and ptxas.
+
+    Catches what the interpreter lets through (scalar/tensor type clashes in loops, tl.dot shapes). Runs
+    in a subprocess without TRITON_INTERPRET, where @triton.jit gives compilable JITFunctions.
+    specs: (kernel name, constexprs, argument types overriding pointers *fp32 / scalars i32).
+    """
+    pytest.importorskip("triton.backends.nvidia")
+    script = f"""
+import importlib, triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+mod = importlib.import_module({module!r})
+for name, constexprs, types in {specs!r}:
+    fn = getattr(mod, name)
+    sig = {{p.name: "constexpr" if p.is_constexpr else types.get(p.name, "*fp32" if p.name.endswith("_ptr") else "i32")
+           for p in fn.params}}
+    k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=constexprs), target=GPUTarget("cuda", 90, 32),
+                       options={{"num_warps": {num_warps}}})
+    assert k.asm["cubin"], name
+"""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
+@pytest.fixture
+def compile_for_sm90():
+    """`compile_for_sm90(module, specs, num_warps=4)`: build kernels to sm_90 machine code (see above)."""
+    return _compile_for_sm90

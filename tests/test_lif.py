@@ -2,9 +2,6 @@
 
 import math
 
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -159,38 +156,12 @@ def test_compile_and_fake(reference_backend):
         assert fs.shape == (4, 9, 6) and fv.shape == (4, 9, 6)
 
 
-def _compile_for_sm90(module, specs, num_warps=4):
-    """Compile kernels for an H100 (sm_90) without a GPU: front end, lowering and ptxas.
-
-    Catches what the interpreter lets through (scalar/tensor type clashes in loops, tl.dot shapes). Runs
-    in a subprocess without TRITON_INTERPRET, where @triton.jit gives compilable JITFunctions.
-    specs: (kernel name, constexprs, argument types overriding pointers *fp32 / scalars i32).
-    """
-    pytest.importorskip("triton.backends.nvidia")
-    script = f"""
-import importlib, triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-mod = importlib.import_module({module!r})
-for name, constexprs, types in {specs!r}:
-    fn = getattr(mod, name)
-    sig = {{p.name: "constexpr" if p.is_constexpr else types.get(p.name, "*fp32" if p.name.endswith("_ptr") else "i32")
-           for p in fn.params}}
-    k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=constexprs), target=GPUTarget("cuda", 90, 32),
-                       options={{"num_warps": {num_warps}}})
-    assert k.asm["cubin"], name
-"""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-
-
 @pytest.mark.slow
-def test_kernels_compile_for_gpu():
+def test_kernels_compile_for_gpu(compile_for_sm90):
     types = {"threshold": "fp32"}
     specs = [(f"_lif_{d}_kernel", dict(HAS_V0=True, ZERO_RESET=zero, BLOCK_D=128), types)
              for d in ("fwd", "bwd") for zero in (False, True)]
-    _compile_for_sm90("routec.codegen.lif", specs)
+    compile_for_sm90("routec.codegen.lif", specs)
 
 
 def test_bad_reset():

@@ -1,13 +1,9 @@
 """Multi-route scans: Triton (TRITON_INTERPRET=1) vs reference, reference vs gather -> single-route scan ->
 scatter built from plain torch ops and the scan module's references, route tables, gradcheck, compile, fake."""
 
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from routec.codegen import multiscan as ms
 from routec.codegen.ops import multi_route_linear_scan, multi_route_selective_scan, route_table
@@ -214,38 +210,12 @@ def test_compile_and_fake(reference_backend):
         assert y.shape == (2, 7, 5)
 
 
-def _compile_for_sm90(module, specs, num_warps=4):
-    """Compile kernels for an H100 (sm_90) without a GPU: front end, lowering and ptxas.
-
-    Catches what the interpreter lets through (scalar/tensor type clashes in loops, tl.dot shapes). Runs
-    in a subprocess without TRITON_INTERPRET, where @triton.jit gives compilable JITFunctions.
-    specs: (kernel name, constexprs, argument types overriding pointers *fp32 / scalars i32).
-    """
-    pytest.importorskip("triton.backends.nvidia")
-    script = f"""
-import importlib, triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-mod = importlib.import_module({module!r})
-for name, constexprs, types in {specs!r}:
-    fn = getattr(mod, name)
-    sig = {{p.name: "constexpr" if p.is_constexpr else types.get(p.name, "*fp32" if p.name.endswith("_ptr") else "i32")
-           for p in fn.params}}
-    k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=constexprs), target=GPUTarget("cuda", 90, 32),
-                       options={{"num_warps": {num_warps}}})
-    assert k.asm["cubin"], name
-"""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-
-
 @pytest.mark.slow
-def test_kernels_compile_for_gpu():
+def test_kernels_compile_for_gpu(compile_for_sm90):
     routes = {"routes_ptr": "*i64"}
     linear = dict(HAS_W=True, BLOCK_L=16, BLOCK_D=16)
     flags = dict(HAS_D=True, HAS_Z=True, HAS_BIAS=True, HAS_W=True, SOFTPLUS=True, BLOCK_D=16, NP=4)
-    _compile_for_sm90("routec.codegen.multiscan", [
+    compile_for_sm90("routec.codegen.multiscan", [
         ("_mr_linear_fwd_kernel", linear, routes), ("_mr_linear_bwd_kernel", linear, routes),
         ("_mr_selective_fwd_kernel", flags, routes), ("_mr_selective_bwd_kernel", dict(flags, CHUNK=8), routes),
     ])

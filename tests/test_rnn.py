@@ -1,9 +1,6 @@
 """leaky_rnn_scan / gru_scan / lstm_scan: Triton (TRITON_INTERPRET=1) vs reference, reference vs
 torch.nn.GRUCell / LSTMCell loops and a hand loop, gradcheck of the reference op, torch.compile, fake shapes."""
 
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -191,39 +188,13 @@ def test_large_n_falls_back_with_warning(triton_backend):
     torch.testing.assert_close(h, rnn.leaky_rnn_scan_reference(x, w, tau, None, "tanh"))
 
 
-def _compile_for_sm90(module, specs, num_warps=4):
-    """Compile kernels for an H100 (sm_90) without a GPU: front end, lowering and ptxas.
-
-    Catches what the interpreter lets through (scalar/tensor type clashes in loops, tl.dot shapes). Runs
-    in a subprocess without TRITON_INTERPRET, where @triton.jit gives compilable JITFunctions.
-    specs: (kernel name, constexprs, argument types overriding pointers *fp32 / scalars i32).
-    """
-    pytest.importorskip("triton.backends.nvidia")
-    script = f"""
-import importlib, triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-mod = importlib.import_module({module!r})
-for name, constexprs, types in {specs!r}:
-    fn = getattr(mod, name)
-    sig = {{p.name: "constexpr" if p.is_constexpr else types.get(p.name, "*fp32" if p.name.endswith("_ptr") else "i32")
-           for p in fn.params}}
-    k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=constexprs), target=GPUTarget("cuda", 90, 32),
-                       options={{"num_warps": {num_warps}}})
-    assert k.asm["cubin"], name
-"""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-
-
 @pytest.mark.slow
-def test_kernels_compile_for_gpu():
+def test_kernels_compile_for_gpu(compile_for_sm90):
     cfg = dict(NP=16, BLOCK_B=rnn.BLOCK_B, PREC="tf32x3")
     specs = [(f"_{cell}_{d}_kernel", dict(HAS_H0=True, ACT=0, **cfg) if cell == "leaky" else dict(HAS_H0=True, **cfg), {})
              for cell in ("leaky", "gru") for d in ("fwd", "bwd")]
     specs += [(f"_lstm_{d}_kernel", dict(HAS_H0=True, HAS_C0=False, **cfg), {}) for d in ("fwd", "bwd")]
-    _compile_for_sm90("routec.codegen.rnn", specs)
+    compile_for_sm90("routec.codegen.rnn", specs)
 
 
 def test_shape_errors():
