@@ -108,6 +108,32 @@ def one_hot(ids: torch.Tensor, num: int) -> torch.Tensor:
     return F.one_hot(ids, num)
 
 
+def pad(x: torch.Tensor, pad: Sequence[int], value: float = 0.0) -> torch.Tensor:
+    """Constant padding as `torch.nn.functional.pad(x, pad, value=value)`: `pad` holds (left, right) amounts
+    for the last dimension, then for the one before it, …; negative amounts crop."""
+    return F.pad(x, tuple(pad), mode="constant", value=value)
+
+
+def std(x: torch.Tensor, dim: int, keepdim: bool = False, unbiased: bool = True) -> torch.Tensor:
+    """Standard deviation along `dim`: divided by n - 1 (`unbiased`, Bessel's correction) or by n."""
+    return torch.std(x, dim, correction=1 if unbiased else 0, keepdim=keepdim)
+
+
+def var(x: torch.Tensor, dim: int, keepdim: bool = False, unbiased: bool = True) -> torch.Tensor:
+    """Variance along `dim`: divided by n - 1 (`unbiased`, Bessel's correction) or by n."""
+    return torch.var(x, dim, correction=1 if unbiased else 0, keepdim=keepdim)
+
+
+def clamp(x: torch.Tensor, min: float | None = None, max: float | None = None) -> torch.Tensor:
+    """`x` limited to [min, max] (either bound may be absent); the gradient passes where min ≤ x ≤ max."""
+    return torch.clamp(x, min, max)
+
+
+def leaky_relu(x: torch.Tensor, slope: float = 0.01) -> torch.Tensor:
+    """x where x > 0, else slope * x."""
+    return F.leaky_relu(x, slope)
+
+
 def token_shuffle(
     x: torch.Tensor, dim: int = 1, generator: torch.Generator | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:

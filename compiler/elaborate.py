@@ -574,9 +574,10 @@ class Elaborator:
             return self.instantiate(func, args, kwargs, e, scope, hint)
         if isinstance(func, Callee) and func.kind == "func":
             tensors = [a for a in args if isinstance(a, (Tensor, list))]
+            spans = self.arg_spans(func.func_def, args, e)
             if not tensors or (isinstance(args[0], list) and not any(isinstance(i, Tensor) for i in args[0])):
-                return Partial(func.func_def, args, kwargs, e.span)
-            return self.apply_func(func.func_def, args, kwargs, e.span)
+                return Partial(func.func_def, args, kwargs, e.span, spans)
+            return self.apply_func(func.func_def, args, kwargs, e.span, arg_spans=spans)
         if isinstance(func, Callee) and (func.kind == "block" or (
                 func.kind == "layer" and any(p.required for p in func.layer_def.params))):
             tensor = next(a for a in args if isinstance(a, Tensor))  # (without tensors it was built above)
@@ -656,7 +657,8 @@ class Elaborator:
 
     def apply(self, func: Any, args: list, kwargs: dict, span: Span, scope: Scope) -> Any:
         if isinstance(func, Partial):
-            return self.apply_func(func.defn, args + func.args, {**func.kwargs, **kwargs}, func.span, scope)
+            return self.apply_func(func.defn, args + func.args, {**func.kwargs, **kwargs}, func.span, scope,
+                                   arg_spans=func.arg_spans)
         if isinstance(func, Callee):
             if func.kind == "func":
                 return self.apply_func(func.func_def, args, kwargs, span, scope)
@@ -694,7 +696,28 @@ class Elaborator:
             return tuple(Tensor(self.getitem(node, i), tuple(s)) for i, s in enumerate(result))
         return Tensor(node, tuple(result))
 
-    def apply_func(self, defn: FuncDef, args: list, kwargs: dict, span: Span, scope: Optional[Scope] = None) -> Any:
+    @staticmethod
+    def arg_spans(defn: FuncDef, args: list, e: ast.Call) -> dict[str, Span]:
+        """Where a function call wrote each of its non-tensor arguments, by parameter name (for messages that
+        concern one argument: `pad`'s amounts, `std`'s dim)."""
+        spans: dict[str, Span] = {}
+        params = iter(defn.params)
+        for value, node in zip(args, e.args):
+            if isinstance(value, (Tensor, GateValue)) or (
+                    isinstance(value, list) and value and all(isinstance(i, Tensor) for i in value)):
+                continue
+            p = next(params, None)
+            if p is None:
+                break
+            spans[p.name] = node.span
+            if p.variadic:
+                break
+        for k in e.kwargs:
+            spans[k.name] = k.value.span
+        return spans
+
+    def apply_func(self, defn: FuncDef, args: list, kwargs: dict, span: Span, scope: Optional[Scope] = None,
+                   arg_spans: Optional[dict[str, Span]] = None) -> Any:
         args = [a.weights if isinstance(a, GateValue) else a for a in args]  # a gate's value is its weights
         if defn.name == "unpermute" and len(args) == 1 and scope is not None:
             perm = self.current_shuffle(scope, span)
@@ -714,10 +737,10 @@ class Elaborator:
         symbolic_kw = {k: self.dim_symbol(v) for k, v in kwargs.items()}
         bound, errors = bind_args(defn, symbolic, symbolic_kw)
         if errors:
-            self.error("R110", errors[0], span)
+            self.error("R110", errors[0], (arg_spans or {}).get(getattr(errors[0], "param", ""), span))
         shape = defn.shape([t.shape for t in tensors], bound)
         if isinstance(shape, str):
-            self.error("R121", shape, span)
+            self.error("R121", shape, (arg_spans or {}).get(getattr(shape, "param", ""), span))
         runtime_kw = {k: self.dim_value(v, span) for k, v in bound.items()}
         node = self.call_function(defn.fn, tuple(tensors), runtime_kw)
         if isinstance(shape, list):

@@ -70,6 +70,7 @@ class Partial:
     args: list[Any]
     kwargs: dict[str, Any]
     span: Span
+    arg_spans: dict[str, Span] = field(default_factory=dict)  # where each bound argument was written
 
 
 @dataclass

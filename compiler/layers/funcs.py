@@ -18,11 +18,13 @@ from ...codegen.functions import concat, confidence, entropy, stack, token_shuff
 from .registry import (
     UNKNOWN,
     VARIADIC,
+    ArgMessage,
     FuncDef,
     Param,
     Shape,
     ShapeResult,
     differ,
+    describe,
     dim_error,
     norm_dim,
     product,
@@ -282,6 +284,81 @@ def _one_hot(shapes: list[Shape], kw: dict) -> ShapeResult:
     return shapes[0] + (kw["num"],)
 
 
+def _grown(size: Any, by: int) -> Any:
+    """A dim changed by `by` elements: an int, `T + 3` / `T - 2` for a symbol, `?` when unknown."""
+    if by == 0 or size == UNKNOWN:
+        return size
+    if isinstance(size, int):
+        return size + by
+    text = f"({size})" if " " in str(size) else str(size)
+    return f"{text} + {by}" if by > 0 else f"{text} - {-by}"
+
+
+def _pad(shapes: list[Shape], kw: dict) -> ShapeResult:
+    """torch.nn.functional.pad (constant): amounts in (left, right) pairs, last dimension first."""
+    (x,) = shapes
+    amounts = kw["pad"]
+    if isinstance(amounts, (list, tuple)) and any(isinstance(a, str) for a in amounts):
+        symbol = next(a for a in amounts if isinstance(a, str))
+        return ArgMessage(
+            f"`pad` amounts must be ints known before the model runs, but `{symbol}` is a size known only at "
+            f"run time", "pad")
+    if not isinstance(amounts, (list, tuple)) or not all(isinstance(a, int) and not isinstance(a, bool)
+                                                          for a in amounts):
+        return ArgMessage(
+            f"`pad` argument `pad` must be a list of ints [left, right, top, bottom, …], got {describe(amounts)}",
+            "pad")
+    call = _render_call("pad", PAD_PARAMS, kw)
+    if not amounts or len(amounts) % 2:
+        return ArgMessage(
+            f"`{call}` needs a (left, right) pair of amounts per padded dimension, last dimension first: an even "
+            f"number of amounts, got {len(amounts)}", "pad")
+    if len(amounts) // 2 > len(x):
+        return ArgMessage(
+            f"`{call}` pads {len(amounts) // 2} dimensions, but {render_shape(x)} has {len(x)} "
+            f"(at most {2 * len(x)} amounts)", "pad")
+    out = list(x)
+    for i in range(len(amounts) // 2):
+        d = len(x) - 1 - i
+        size = _grown(x[d], amounts[2 * i] + amounts[2 * i + 1])
+        if isinstance(size, int) and size < 0:
+            return ArgMessage(
+                f"`{call}` crops dimension {d} of {render_shape(x)} to {size} elements (negative amounts crop)",
+                "pad")
+        out[d] = size
+    return tuple(out)
+
+
+def _spread(name: str) -> Callable[[list[Shape], dict], ShapeResult]:
+    """`std` / `var`: a reduction along `dim`; one element with Bessel's correction is refused (0 / 0)."""
+
+    def rule(shapes: list[Shape], kw: dict) -> ShapeResult:
+        (x,) = shapes
+        call = _render_call(name, STAT_PARAMS, kw)
+        d = norm_dim(kw["dim"], len(x))
+        if d is None:
+            return ArgMessage(dim_error(call, kw["dim"], x), "dim")
+        if kw["unbiased"] and x[d] == 1:
+            return ArgMessage(
+                f"`{call}`: dimension {kw['dim']} of {render_shape(x)} has one element, and the unbiased "
+                f"estimate divides by n - 1 = 0 (NaN); pass unbiased=false to divide by n", "dim")
+        return _reduced(x, d, kw)
+
+    return rule
+
+
+def _clamp(shapes: list[Shape], kw: dict) -> ShapeResult:
+    low, high = kw["min"], kw["max"]
+    if low is None and high is None:
+        return "`clamp` needs a bound: `min=…`, `max=…` or both"
+    for key, bound in (("min", low), ("max", high)):
+        if bound is not None and bound != bound:
+            return ArgMessage(f"`clamp` argument `{key}` must be a number, got nan", key)
+    if low is not None and high is not None and low > high:
+        return ArgMessage(f"`clamp(min={low!r}, max={high!r})` needs min ≤ max", "max")
+    return shapes[0]
+
+
 DIM_LAST = (Param("dim", "int", -1),)
 DIM_1 = (Param("dim", "int", 1),)
 DIM_REQUIRED = (Param("dim", "int"),)
@@ -295,6 +372,13 @@ SPLIT_PARAMS = (Param("sizes", "any", doc="a piece size, or a list of sizes"), P
 CHUNK_PARAMS = (Param("n", "int"), Param("dim", "int", -1))
 FLATTEN_PARAMS = (Param("start", "int", 0), Param("end", "int", -1))
 SHAPE_PARAMS = (Param("shape", "shape"),)
+PAD_PARAMS = (
+    Param("pad", "any", doc="amounts [left, right, top, bottom, …]: a pair per dimension, last dimension first"),
+    Param("value", "float", 0.0),
+)
+STAT_PARAMS = (Param("dim", "int"), Param("keepdim", "bool", False), Param("unbiased", "bool", True))
+CLAMP_PARAMS = (Param("min", "float", None, "lower bound (none: unbounded)"),
+                Param("max", "float", None, "upper bound (none: unbounded)"))
 TOPK_PARAMS = (Param("k", "int"), Param("dim", "int", -1))
 
 
@@ -322,6 +406,10 @@ FUNCS: dict[str, FuncDef] = {
         _pointwise("log", torch.log, "natural logarithm"),
         _pointwise("abs", torch.abs, "|x|"),
         _pointwise("softplus", F.softplus, "log(1 + exp(x))"),
+        FuncDef("leaky_relu", (Param("slope", "float", 0.01),), functions.leaky_relu, _same,
+                "x where x > 0, else slope * x"),
+        FuncDef("clamp", CLAMP_PARAMS, functions.clamp, _clamp,
+                "x limited to [min, max] (at least one bound); gradient 1 inside, 0 outside"),
         _pointwise("detach", torch.Tensor.detach, "the same values without gradient"),
         _pointwise("identity", functions.identity, "returns its input"),
         _with_dim("softmax", DIM_LAST, functions.softmax, _keep, "softmax along dim"),
@@ -354,6 +442,12 @@ FUNCS: dict[str, FuncDef] = {
             "index of the largest value along dim (long)",
         ),
         _with_dim("flip", DIM_REQUIRED, functions.flip, _keep, "reverses the order along dim"),
+        FuncDef("std", STAT_PARAMS, functions.std, _spread("std"),
+                "standard deviation along dim (unbiased: divided by n - 1, else by n)"),
+        FuncDef("var", STAT_PARAMS, functions.var, _spread("var"),
+                "variance along dim (unbiased: divided by n - 1, else by n)"),
+        FuncDef("pad", PAD_PARAMS, functions.pad, _pad,
+                "constant padding as torch.nn.functional.pad: (left, right) pairs from the last dimension"),
         FuncDef("reshape", RESHAPE_PARAMS, functions.reshape, _reshape, "same elements, new shape"),
         FuncDef(
             "transpose", TRANSPOSE_PARAMS, functions.transpose, _transpose, "swaps dimensions a and b"

@@ -18,7 +18,7 @@ from typing import Any, Callable, Sequence, Union
 
 Dim = Union[int, str]
 Shape = tuple[Dim, ...]
-ShapeResult = Union[Shape, list[Shape], str]  # a shape, one shape per output, or a message
+ShapeResult = Union[Shape, list[Shape], str]  # a shape, one shape per output, or a message (maybe an ArgMessage)
 
 PARAM_TYPES = ("int", "float", "bool", "str", "shape", "any")
 UNKNOWN = "?"
@@ -96,6 +96,17 @@ class LayerDef:
     def check(self, kwargs: dict, in_shapes: Sequence[Sequence[Dim]]) -> str | None:
         result = self.out_shape(kwargs, in_shapes)
         return result if isinstance(result, str) else None
+
+
+class ArgMessage(str):
+    """A shape rule's message about one argument (`param`): the compiler points at that argument, not the call."""
+
+    param: str
+
+    def __new__(cls, text: str, param: str) -> "ArgMessage":
+        message = super().__new__(cls, text)
+        message.param = param
+        return message
 
 
 VARIADIC = -1
@@ -179,7 +190,7 @@ def bind_args(defn: Definition, args: Sequence[Any], kwargs: dict[str, Any]) -> 
         if ok:
             bound[key] = coerced
         else:
-            errors.append(f"`{name}` argument `{key}` must be {_type_words(p)}, got {describe(value)}")
+            errors.append(ArgMessage(f"`{name}` argument `{key}` must be {_type_words(p)}, got {describe(value)}", key))
 
     for p in defn.params:
         if p.name in bound:
@@ -214,7 +225,7 @@ def _coerce(value: Any, p: Param) -> tuple[bool, Any]:
         item = Param(p.name, p.type)
         items = [_coerce(v, item) for v in value]
         return all(ok for ok, _ in items), tuple(v for _, v in items)
-    if p.type == "any":
+    if p.type == "any" or (value is None and p.default is None):  # an optional argument left out
         return True, value
     if p.type == "int":
         return _is_int(value), value
