@@ -37,6 +37,10 @@ def compile_source(text: str, filename: str = "<string>", *, model: Optional[str
 
     with torch.device(device) if device is not None else contextlib.nullcontext():
         net = elaborate(filename, text, params, model=model)
+    from .passes.batch_calls import batch_module
+
+    if batch_module(net):  # independent calls of one shared per-sample module → one call (exact, always)
+        verify(net.graph_module)
     if should_fuse(fuse):
         fuse_module(net)
         verify(net.graph_module)
