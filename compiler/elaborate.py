@@ -41,7 +41,7 @@ from ..dsl import ast
 from ..dsl.diagnostics import Diagnostics, Note, RouteError, Span
 from .layers import FUNCS, LAYERS, FuncDef, LayerDef, bind_args, render_shape, render_value
 from .layers.registry import describe
-from .meta import ROUTE_SPAN, ROUTE_STMT
+from .meta import ROUTE_SHAPE, ROUTE_SPAN, ROUTE_STMT
 from .values import Callee, Dim, ExitArray, GateValue, Instance, Partial, Tensor
 
 
@@ -182,6 +182,7 @@ class Elaborator:
     def node_of(self, t: Tensor) -> fx.Node:
         """The node for `t` in the current graph, capturing it from an enclosing graph if needed."""
         self.node_shapes.setdefault(id(t.node), t.shape)
+        t.node.meta.setdefault(ROUTE_SHAPE, t.shape)  # for graph passes (compiler/passes/batch_calls.py)
         return self._capture(t.node, self.ctx)
 
     def _capture(self, node: fx.Node, ctx: GraphContext) -> fx.Node:
