@@ -9,11 +9,17 @@ in route order and scatters the states back to their original positions in the s
 
 is fused as an epilogue: the first route stores, later routes add into the same fp32 output (a program owns
 its (sample, channel block) slice across all routes, so only a barrier between routes is needed).
+`combine="none"` skips the combine and returns every route's output, [R, Bt, L, D], each in the original
+token order (weights must be None): routes are then independent, so the route becomes a grid axis and each
+program stores its route's slice. The compiler's multi-route pass (`compiler/passes/multiroute.py`) merges
+independent single-route scans into one such launch.
 
     multi_route_linear_scan:    h_r[k] = a[p] * h_r[k-1] + b[p],  p = routes[r, k],  y_r[p] = h_r[k]
-    multi_route_selective_scan: Mamba S6 (DESIGN §5 `selective_scan`) along each route; A may be per route
+    multi_route_selective_scan: Mamba S6 (DESIGN §5 `selective_scan`) along each route; A, D and delta_bias
+                                may be per route
 
-Kernels: one program per (sample, block of channels), routes one after another inside it. The linear scan
+Kernels: one program per (sample, block of channels), routes one after another inside it ("sum"), or one
+program per (sample, block of channels, route) ("none"). The linear scan
 is chunked (a `tl.associative_scan` over BLOCK_L gathered tokens, carry across chunks); the selective scan
 is sequential in time with the [BLOCK_D, N] state in registers. Backward walks each route in reverse:
 the linear scan stores its route's states in an fp32 scratch first; the selective scan checkpoints the state
@@ -117,10 +123,12 @@ def _route_input(x: torch.Tensor | None, r: int, base_dim: int) -> torch.Tensor 
     return x[r] if x.dim() == base_dim + 1 else x
 
 
-def multi_route_linear_scan_reference(a, b, routes, weights=None):
-    """Loop over routes and time with explicit gathers and scatters. a, b [Bt, L, D] or [R, Bt, L, D]."""
+def multi_route_linear_scan_reference(a, b, routes, weights=None, combine="sum"):
+    """Loop over routes and time with explicit gathers and scatters. a, b [Bt, L, D] or [R, Bt, L, D].
+    combine "sum": y [Bt, L, D]; "none": every route's y_r stacked, [R, Bt, L, D]."""
     R, L = routes.shape
     y = 0.0
+    per_route = []
     for r in range(R):
         idx = routes[r]
         a_r = _route_input(a, r, 3).index_select(1, idx)  # [Bt, L, D] in route order
@@ -131,17 +139,23 @@ def multi_route_linear_scan_reference(a, b, routes, weights=None):
             h = a_r[:, k] * h + b_r[:, k]
             hs.append(h)
         y_r = torch.zeros_like(b_r).index_copy(1, idx, torch.stack(hs, 1))  # back to original positions
-        y = y + _route_weight(weights, r) * y_r
-    return y
+        if combine == "none":
+            per_route.append(y_r)
+        else:
+            y = y + _route_weight(weights, r) * y_r
+    return torch.stack(per_route) if combine == "none" else y
 
 
 def multi_route_selective_scan_reference(
-    u, delta, A, B, C, D=None, z=None, delta_bias=None, routes=None, weights=None, delta_softplus=False
+    u, delta, A, B, C, D=None, z=None, delta_bias=None, routes=None, weights=None, delta_softplus=False,
+    combine="sum",
 ):
     """Loop over routes and time, state [Bt, D, N]; u, delta, z [Bt, L, D] or [R, Bt, L, D];
-    A [D, N] or [R, D, N]; B, C [Bt, L, N] or [R, Bt, L, N]; D, delta_bias [D]."""
+    A [D, N] or [R, D, N]; B, C [Bt, L, N] or [R, Bt, L, N]; D, delta_bias [D] or [R, D].
+    combine "sum": y [Bt, L, D]; "none": every route's y_r stacked, [R, Bt, L, D]."""
     R, L = routes.shape
     y = 0.0
+    per_route = []
     for r in range(R):
         idx = routes[r]
         u_r = _route_input(u, r, 3).index_select(1, idx)
@@ -150,7 +164,7 @@ def multi_route_selective_scan_reference(
         C_r = _route_input(C, r, 3).index_select(1, idx)
         A_r = _route_input(A, r, 2)
         if delta_bias is not None:
-            dt = dt + delta_bias
+            dt = dt + _route_input(delta_bias, r, 1)
         if delta_softplus:
             dt = F.softplus(dt)
         h = u_r.new_zeros(u_r.shape[0], u_r.shape[2], A_r.shape[1])  # [Bt, D, N]
@@ -160,12 +174,15 @@ def multi_route_selective_scan_reference(
             ys.append((h * C_r[:, k, None, :]).sum(-1))
         y_r = torch.stack(ys, 1)  # [Bt, L, D] in route order
         if D is not None:
-            y_r = y_r + D * u_r
+            y_r = y_r + _route_input(D, r, 1) * u_r
         if z is not None:
             y_r = y_r * F.silu(_route_input(z, r, 3).index_select(1, idx))
         y_r = torch.zeros_like(y_r).index_copy(1, idx, y_r)
-        y = y + _route_weight(weights, r) * y_r
-    return y
+        if combine == "none":
+            per_route.append(y_r)
+        else:
+            y = y + _route_weight(weights, r) * y_r
+    return torch.stack(per_route) if combine == "none" else y
 
 
 @triton.jit
@@ -188,18 +205,24 @@ def _sigmoid(x):
 @triton.jit
 def _mr_linear_fwd_kernel(
     a_ptr, b_ptr, routes_ptr, w_ptr, y_ptr,  # a, b: [(R,) Bt, L, D]; routes: [R, L]; w: [Bt, (L,) R]
-    # y: [Bt, L, D] fp32
-    L, D, R, a_rs, b_rs, w_sb, w_sl,
-    HAS_W: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr,
+    # y: [Bt, L, D] fp32, or [R, Bt, L, D] when SPLIT (y_rs = Bt * L * D)
+    L, D, R, a_rs, b_rs, w_sb, w_sl, y_rs,
+    HAS_W: tl.constexpr, SPLIT: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """Program (sample, channel block): for each route, a chunked scan over gathered tokens, scattered back."""
+    """Program (sample, channel block[, route when SPLIT]): for each of its routes, a chunked scan over the
+    gathered tokens, scattered back (added into y, or stored to the route's slice when SPLIT)."""
     pid_b = tl.program_id(0)
     d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     dmask = d < D
     i = tl.arange(0, BLOCK_L)
     zero64 = pid_b.to(tl.int64) * 0
     row = pid_b.to(tl.int64) * L * D
-    for r in range(R):
+    r_lo = 0
+    r_hi = R
+    if SPLIT:
+        r_lo = tl.program_id(2)
+        r_hi = r_lo + 1
+    for r in range(r_lo, r_hi):
         r64 = zero64 + r
         carry = tl.zeros([BLOCK_D], dtype=tl.float32)
         for c in range(tl.cdiv(L, BLOCK_L)):
@@ -216,22 +239,27 @@ def _mr_linear_fwd_kernel(
             if HAS_W:
                 w = tl.load(w_ptr + pid_b * w_sb + pos * w_sl + r, mask=kmask, other=0.0).to(tl.float32)
                 h = h * w[:, None]
-            if r == 0:
-                tl.store(y_ptr + off, h, mask=m2)
+            if SPLIT:
+                tl.store(y_ptr + r64 * y_rs + off, h, mask=m2)
             else:
-                tl.atomic_add(y_ptr + off, h, mask=m2)
+                if r == 0:
+                    tl.store(y_ptr + off, h, mask=m2)
+                else:
+                    tl.atomic_add(y_ptr + off, h, mask=m2)
         tl.debug_barrier()  # route r's stores land before route r+1 adds to the same positions
 
 
 @triton.jit
 def _mr_linear_bwd_kernel(
-    a_ptr, b_ptr, routes_ptr, w_ptr, gy_ptr, scratch_ptr,  # gy: [Bt, L, D]; scratch: [Bt, L, D] fp32
+    a_ptr, b_ptr, routes_ptr, w_ptr, gy_ptr, scratch_ptr,  # gy: [(R,) Bt, L, D]; scratch: [(R,) Bt, L, D] fp32
     ga_ptr, gb_ptr, gw_ptr,  # ga, gb: like a, b, fp32, zero-filled; gw: [nDb, Bt, L, R] fp32
-    L, D, R, Bt, a_rs, b_rs, w_sb, w_sl,
-    HAS_W: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr,
+    L, D, R, Bt, a_rs, b_rs, w_sb, w_sl, gy_rs,  # gy_rs: Bt * L * D when SPLIT (per-route gy and scratch), else 0
+    HAS_W: tl.constexpr, SPLIT: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """Per route: recompute the states (forward chunked scan into `scratch`, route order), then the reverse
-    scan g[k] = w*gy[p_k] + a[p_{k+1}] * g[k+1] over chunks walked backwards; da = g * h[k-1], db = g."""
+    scan g[k] = w*gy[p_k] + a[p_{k+1}] * g[k+1] over chunks walked backwards; da = g * h[k-1], db = g.
+    SPLIT: one route per program (grid axis 2), its own gy slice and scratch slice; gradients of inputs the
+    routes share meet in the atomics."""
     pid_b = tl.program_id(0)
     pid_d = tl.program_id(1)
     d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -241,8 +269,14 @@ def _mr_linear_bwd_kernel(
     row = pid_b.to(tl.int64) * L * D
     n_chunks = tl.cdiv(L, BLOCK_L)
     gw_row = (pid_d * Bt + pid_b).to(tl.int64) * L * R
-    for r in range(R):
+    r_lo = 0
+    r_hi = R
+    if SPLIT:
+        r_lo = tl.program_id(2)
+        r_hi = r_lo + 1
+    for r in range(r_lo, r_hi):
         r64 = zero64 + r
+        scratch = scratch_ptr + r64 * gy_rs
         carry = tl.zeros([BLOCK_D], dtype=tl.float32)
         for c in range(n_chunks):
             k = c * BLOCK_L + i
@@ -255,7 +289,7 @@ def _mr_linear_bwd_kernel(
             acum, bcum = tl.associative_scan((av, bv), 0, _affine)
             h = acum * carry[None, :] + bcum
             carry = tl.sum(tl.where((i == BLOCK_L - 1)[:, None], h, 0.0), axis=0)
-            tl.store(scratch_ptr + row + k.to(tl.int64)[:, None] * D + d[None, :], h, mask=m2)
+            tl.store(scratch + row + k.to(tl.int64)[:, None] * D + d[None, :], h, mask=m2)
         tl.debug_barrier()
         carry = tl.zeros([BLOCK_D], dtype=tl.float32)
         for cc in range(n_chunks):
@@ -270,8 +304,8 @@ def _mr_linear_bwd_kernel(
                 a_ptr + r64 * a_rs + row + pos_next[:, None] * D + d[None, :],
                 mask=nmask[:, None] & dmask[None, :], other=0.0,
             ).to(tl.float32)
-            gy = tl.load(gy_ptr + off, mask=m2, other=0.0).to(tl.float32)
-            h = tl.load(scratch_ptr + row + k.to(tl.int64)[:, None] * D + d[None, :], mask=m2, other=0.0)
+            gy = tl.load(gy_ptr + r64 * gy_rs + off, mask=m2, other=0.0).to(tl.float32)
+            h = tl.load(scratch + row + k.to(tl.int64)[:, None] * D + d[None, :], mask=m2, other=0.0)
             if HAS_W:
                 w = tl.load(w_ptr + pid_b * w_sb + pos * w_sl + r, mask=kmask, other=0.0).to(tl.float32)
                 tl.store(gw_ptr + gw_row + pos * R + r, tl.sum(gy * h, axis=1), mask=kmask)
@@ -280,7 +314,7 @@ def _mr_linear_bwd_kernel(
             g = acum * carry[None, :] + gcum
             carry = tl.sum(tl.where((i == BLOCK_L - 1)[:, None], g, 0.0), axis=0)  # row of the smallest k
             h_prev = tl.load(
-                scratch_ptr + row + (k - 1).to(tl.int64)[:, None] * D + d[None, :], mask=m2 & (k >= 1)[:, None], other=0.0
+                scratch + row + (k - 1).to(tl.int64)[:, None] * D + d[None, :], mask=m2 & (k >= 1)[:, None], other=0.0
             )
             tl.atomic_add(ga_ptr + r64 * a_rs + off, g * h_prev, mask=m2)
             tl.atomic_add(gb_ptr + r64 * b_rs + off, g, mask=m2)
@@ -316,13 +350,15 @@ def _mr_selective_step(
 
 @triton.jit
 def _mr_selective_fwd_kernel(
-    u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, routes_ptr, w_ptr, y_ptr,
-    L, Dm, N, R, u_rs, delta_rs, A_rs, B_rs, C_rs, z_rs, w_sb, w_sl,
+    u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, routes_ptr, w_ptr,
+    y_ptr,  # [Bt, L, D] fp32, or [R, Bt, L, D] when SPLIT (y_rs = Bt * L * D)
+    L, Dm, N, R, u_rs, delta_rs, A_rs, B_rs, C_rs, z_rs, D_rs, bias_rs, w_sb, w_sl, y_rs,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_W: tl.constexpr,
-    SOFTPLUS: tl.constexpr, BLOCK_D: tl.constexpr, NP: tl.constexpr,
+    SPLIT: tl.constexpr, SOFTPLUS: tl.constexpr, BLOCK_D: tl.constexpr, NP: tl.constexpr,
 ):
-    """Program (sample, channel block): for each route, a sequential S6 scan over the gathered tokens with
-    the state h [BLOCK_D, NP] in registers; y_r is scattered back and combined into y (fp32)."""
+    """Program (sample, channel block[, route when SPLIT]): for each of its routes, a sequential S6 scan over
+    the gathered tokens with the state h [BLOCK_D, NP] in registers; y_r is scattered back and combined
+    into y (fp32), or stored to the route's slice of y when SPLIT."""
     pid_b = tl.program_id(0)
     d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     n = tl.arange(0, NP)
@@ -331,17 +367,22 @@ def _mr_selective_fwd_kernel(
     zero64 = pid_b.to(tl.int64) * 0
     row = pid_b.to(tl.int64) * L * Dm
     rown = pid_b.to(tl.int64) * L * N
-    Dv = tl.zeros([BLOCK_D], dtype=tl.float32)
-    if HAS_D:
-        Dv = tl.load(D_ptr + d, mask=dmask, other=0.0).to(tl.float32)
-    bias = tl.zeros([BLOCK_D], dtype=tl.float32)
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr + d, mask=dmask, other=0.0).to(tl.float32)
-    for r in range(R):
+    r_lo = 0
+    r_hi = R
+    if SPLIT:
+        r_lo = tl.program_id(2)
+        r_hi = r_lo + 1
+    for r in range(r_lo, r_hi):
         r64 = zero64 + r
         A = tl.load(
             A_ptr + r64 * A_rs + d[:, None] * N + n[None, :], mask=dmask[:, None] & nmask[None, :], other=0.0
         ).to(tl.float32)
+        Dv = tl.zeros([BLOCK_D], dtype=tl.float32)
+        if HAS_D:
+            Dv = tl.load(D_ptr + r64 * D_rs + d, mask=dmask, other=0.0).to(tl.float32)
+        bias = tl.zeros([BLOCK_D], dtype=tl.float32)
+        if HAS_BIAS:
+            bias = tl.load(bias_ptr + r64 * bias_rs + d, mask=dmask, other=0.0).to(tl.float32)
         h = tl.zeros([BLOCK_D, NP], dtype=tl.float32)
         for k in range(L):
             pos = tl.load(routes_ptr + r * L + k)
@@ -360,27 +401,32 @@ def _mr_selective_fwd_kernel(
                 y = y * zv * _sigmoid(zv)
             if HAS_W:
                 y = y * tl.load(w_ptr + pid_b * w_sb + pos * w_sl + r).to(tl.float32)
-            if r == 0:
-                tl.store(y_ptr + off, y, mask=dmask)
+            if SPLIT:
+                tl.store(y_ptr + r64 * y_rs + off, y, mask=dmask)
             else:
-                tl.atomic_add(y_ptr + off, y, mask=dmask)
+                if r == 0:
+                    tl.store(y_ptr + off, y, mask=dmask)
+                else:
+                    tl.atomic_add(y_ptr + off, y, mask=dmask)
         tl.debug_barrier()
 
 
 @triton.jit
 def _mr_selective_bwd_kernel(
-    u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, routes_ptr, w_ptr, gy_ptr,
+    u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, routes_ptr, w_ptr,
+    gy_ptr,  # [(R,) Bt, L, D]: per route when SPLIT (gy_rs = Bt * L * D), else 0
     ckpt_ptr, hist_ptr,  # per program: ckpt [n_chunks, BLOCK_D, NP], hist [CHUNK, BLOCK_D, NP] fp32
     gu_ptr, gdelta_ptr, gz_ptr,  # like u, delta, z, fp32, zero-filled
     gB_ptr, gC_ptr,  # [nDb, (R,) Bt, L, N] fp32 zero-filled: per-channel-block partials
     gA_ptr, gD_ptr, gbias_ptr,  # gA: [Bt, R, D, N]; gD, gbias: [Bt, R, D] fp32
     gw_ptr,  # [nDb, Bt, L, R] fp32
-    L, Dm, N, R, Bt, u_rs, delta_rs, A_rs, B_rs, C_rs, z_rs, w_sb, w_sl, gB_blk, gC_blk,
+    L, Dm, N, R, Bt, u_rs, delta_rs, A_rs, B_rs, C_rs, z_rs, D_rs, bias_rs, w_sb, w_sl, gy_rs, gB_blk, gC_blk,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_W: tl.constexpr,
-    SOFTPLUS: tl.constexpr, BLOCK_D: tl.constexpr, NP: tl.constexpr, CHUNK: tl.constexpr,
+    SPLIT: tl.constexpr, SOFTPLUS: tl.constexpr, BLOCK_D: tl.constexpr, NP: tl.constexpr, CHUNK: tl.constexpr,
 ):
     """Per route: a forward pass saving the state every CHUNK steps, then chunks in reverse: recompute the
-    chunk's states into `hist`, walk it backwards carrying dL/dh [BLOCK_D, NP]."""
+    chunk's states into `hist`, walk it backwards carrying dL/dh [BLOCK_D, NP]. SPLIT: one route per program
+    (grid axis 2) with its own gy slice; gradients of inputs the routes share meet in the atomics."""
     pid_b = tl.program_id(0)
     pid_d = tl.program_id(1)
     d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -394,21 +440,26 @@ def _mr_selective_bwd_kernel(
     row = pid_b.to(tl.int64) * L * Dm
     rown = pid_b.to(tl.int64) * L * N
     n_chunks = tl.cdiv(L, CHUNK)
-    prog = (pid_b * tl.num_programs(1) + pid_d).to(tl.int64)
+    prog = ((pid_b * tl.num_programs(1) + pid_d) * tl.num_programs(2) + tl.program_id(2)).to(tl.int64)
     ckpt = ckpt_ptr + prog * n_chunks * BLOCK_D * NP
     hist = hist_ptr + prog * CHUNK * BLOCK_D * NP
     gw_row = (pid_d * Bt + pid_b).to(tl.int64) * L * R
-    Dv = tl.zeros([BLOCK_D], dtype=tl.float32)
-    if HAS_D:
-        Dv = tl.load(D_ptr + d, mask=dmask, other=0.0).to(tl.float32)
-    bias = tl.zeros([BLOCK_D], dtype=tl.float32)
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr + d, mask=dmask, other=0.0).to(tl.float32)
-    for r in range(R):
+    r_lo = 0
+    r_hi = R
+    if SPLIT:
+        r_lo = tl.program_id(2)
+        r_hi = r_lo + 1
+    for r in range(r_lo, r_hi):
         r64 = zero64 + r
         u_r, delta_r, z_r = u_ptr + r64 * u_rs, delta_ptr + r64 * delta_rs, z_ptr + r64 * z_rs
         B_r, C_r = B_ptr + r64 * B_rs, C_ptr + r64 * C_rs
         A = tl.load(A_ptr + r64 * A_rs + d[:, None] * N + n[None, :], mask=m2, other=0.0).to(tl.float32)
+        Dv = tl.zeros([BLOCK_D], dtype=tl.float32)
+        if HAS_D:
+            Dv = tl.load(D_ptr + r64 * D_rs + d, mask=dmask, other=0.0).to(tl.float32)
+        bias = tl.zeros([BLOCK_D], dtype=tl.float32)
+        if HAS_BIAS:
+            bias = tl.load(bias_ptr + r64 * bias_rs + d, mask=dmask, other=0.0).to(tl.float32)
         h = tl.zeros([BLOCK_D, NP], dtype=tl.float32)
         for c in range(n_chunks):
             tl.store(ckpt + c * BLOCK_D * NP + tile, h)
@@ -462,7 +513,7 @@ def _mr_selective_bwd_kernel(
                 h = tl.load(hist + j * BLOCK_D * NP + tile)
                 h_prev = tl.load(hist + tl.maximum(j - 1, 0) * BLOCK_D * NP + tile)
                 h_prev = tl.where(j > 0, h_prev, h_start)
-                gy = tl.load(gy_ptr + off, mask=dvalid, other=0.0).to(tl.float32)
+                gy = tl.load(gy_ptr + r64 * gy_rs + off, mask=dvalid, other=0.0).to(tl.float32)
                 y0 = tl.sum(h * Cv[None, :], axis=1) + Dv * u
                 gate = zv * 0.0 + 1.0
                 if HAS_Z:
@@ -533,67 +584,79 @@ def _linear_blocks(L: int, D: int) -> dict:
     return dict(BLOCK_L=min(128, max(16, triton.next_power_of_2(L))), BLOCK_D=min(32, triton.next_power_of_2(D)))
 
 
-def multi_route_linear_scan_triton(a, b, routes, weights):
+def multi_route_linear_scan_triton(a, b, routes, weights, split=False):
     Bt, L, D = b.shape[-3:]
     R = routes.shape[0]
     a, b, routes = a.contiguous(), b.contiguous(), routes.contiguous()
     w = None if weights is None else weights.contiguous()
-    y = _empty((Bt, L, D), b)
+    y = _empty((R, Bt, L, D) if split else (Bt, L, D), b)
     cfg = _linear_blocks(L, D)
     w_sb, w_sl = _weight_strides(w, L, R)
-    grid = (Bt, triton.cdiv(D, cfg["BLOCK_D"]))
+    grid = (Bt, triton.cdiv(D, cfg["BLOCK_D"]), R if split else 1)
     _mr_linear_fwd_kernel[grid](
         a, b, routes, b if w is None else w, y, L, D, R, _route_stride(a, 3), _route_stride(b, 3), w_sb, w_sl,
-        HAS_W=w is not None, **cfg,
+        Bt * L * D if split else 0, HAS_W=w is not None, SPLIT=split, **cfg,
     )
     return y.to(torch.result_type(a, b))
 
 
-def multi_route_linear_scan_triton_backward(a, b, routes, weights, gy):
+def multi_route_linear_scan_triton_backward(a, b, routes, weights, gy, split=False):
     Bt, L, D = b.shape[-3:]
     R = routes.shape[0]
     a, b, routes, gy = a.contiguous(), b.contiguous(), routes.contiguous(), gy.contiguous()
     w = None if weights is None else weights.contiguous()
     cfg = _linear_blocks(L, D)
-    grid = (Bt, triton.cdiv(D, cfg["BLOCK_D"]))
+    grid = (Bt, triton.cdiv(D, cfg["BLOCK_D"]), R if split else 1)
     ga = torch.zeros(a.shape, dtype=torch.float32, device=a.device)
     gb = torch.zeros(b.shape, dtype=torch.float32, device=b.device)
     gw_part = _empty((grid[1], Bt, L, R), b) if w is not None else b
-    scratch = _empty((Bt, L, D), b)
+    scratch = _empty((R, Bt, L, D) if split else (Bt, L, D), b)  # SPLIT: routes run at once, one slice each
     w_sb, w_sl = _weight_strides(w, L, R)
     _mr_linear_bwd_kernel[grid](
         a, b, routes, b if w is None else w, gy, scratch, ga, gb, gw_part, L, D, R, Bt,
-        _route_stride(a, 3), _route_stride(b, 3), w_sb, w_sl, HAS_W=w is not None, **cfg,
+        _route_stride(a, 3), _route_stride(b, 3), w_sb, w_sl, Bt * L * D if split else 0,
+        HAS_W=w is not None, SPLIT=split, **cfg,
     )
     gw = None if w is None else _weight_grad(gw_part, w)
     return ga.to(a.dtype), gb.to(b.dtype), gw
 
 
+def _combine(split: bool) -> str:
+    return "none" if split else "sum"
+
+
 @torch.library.custom_op("routec::multi_route_linear_scan", mutates_args=())
-def _mr_linear_op(a: torch.Tensor, b: torch.Tensor, routes: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
+def _mr_linear_op(
+    a: torch.Tensor, b: torch.Tensor, routes: torch.Tensor, weights: torch.Tensor | None, split: bool = False
+) -> torch.Tensor:
     if use_triton(a, b, weights):
-        return multi_route_linear_scan_triton(a, b, routes, weights)
+        return multi_route_linear_scan_triton(a, b, routes, weights, split)
     with torch.no_grad():
-        return multi_route_linear_scan_reference(a, b, routes, weights).contiguous()
+        return multi_route_linear_scan_reference(a, b, routes, weights, _combine(split)).contiguous()
 
 
 @_mr_linear_op.register_fake
-def _(a, b, routes, weights):
-    return b.new_empty(b.shape[-3:], dtype=torch.result_type(a, b))
+def _(a, b, routes, weights, split=False):
+    shape = (routes.shape[0], *b.shape[-3:]) if split else b.shape[-3:]
+    return b.new_empty(shape, dtype=torch.result_type(a, b))
 
 
 def _mr_linear_setup(ctx, inputs, output):
-    a, b, routes, weights = inputs
+    a, b, routes, weights, split = inputs
+    ctx.split = split
     ctx.save_for_backward(a, b, routes, weights)
 
 
 def _mr_linear_backward(ctx, gy):
     a, b, routes, weights = ctx.saved_tensors
     if use_triton(a, b, weights):
-        ga, gb, gw = multi_route_linear_scan_triton_backward(a, b, routes, weights, gy)
+        ga, gb, gw = multi_route_linear_scan_triton_backward(a, b, routes, weights, gy, ctx.split)
     else:
-        ga, gb, _, gw = reference_vjp(multi_route_linear_scan_reference, (a, b, routes, weights), (gy,))
-    return ga, gb, None, gw
+        def fn(a, b, routes, weights):
+            return multi_route_linear_scan_reference(a, b, routes, weights, _combine(ctx.split))
+
+        ga, gb, _, gw = reference_vjp(fn, (a, b, routes, weights), (gy,))
+    return ga, gb, None, gw, None
 
 
 _mr_linear_op.register_autograd(_mr_linear_backward, setup_context=_mr_linear_setup)
@@ -612,31 +675,38 @@ def _selective_args(u, delta, A, B, C, D, z, delta_bias, routes, weights):
     ptrs = (u, delta, A, B, C, u if D is None else D, u if z is None else z, u if delta_bias is None else delta_bias,
             routes.contiguous(), u if w is None else w)
     strides = (_route_stride(u, 3), _route_stride(delta, 3), _route_stride(A, 2), _route_stride(B, 3),
-               _route_stride(C, 3), _route_stride(z, 3), w_sb, w_sl)
+               _route_stride(C, 3), _route_stride(z, 3), _route_stride(D, 1), _route_stride(delta_bias, 1),
+               w_sb, w_sl)
     flags = dict(HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, HAS_W=w is not None)
     return (Bt, L, Dm, A.shape[-1], R), ptrs, strides, flags
 
 
-def multi_route_selective_scan_triton(u, delta, A, B, C, D, z, delta_bias, routes, weights, delta_softplus):
+def multi_route_selective_scan_triton(
+    u, delta, A, B, C, D, z, delta_bias, routes, weights, delta_softplus, split=False
+):
     (Bt, L, Dm, N, R), ptrs, strides, flags = _selective_args(u, delta, A, B, C, D, z, delta_bias, routes, weights)
     cfg = _selective_blocks(L, Dm, N)
-    y = _empty((Bt, L, Dm), u)
-    grid = (Bt, triton.cdiv(Dm, cfg["BLOCK_D"]))
-    _mr_selective_fwd_kernel[grid](*ptrs, y, L, Dm, N, R, *strides, SOFTPLUS=delta_softplus, **flags, **cfg)
+    y = _empty((R, Bt, L, Dm) if split else (Bt, L, Dm), u)
+    grid = (Bt, triton.cdiv(Dm, cfg["BLOCK_D"]), R if split else 1)
+    _mr_selective_fwd_kernel[grid](
+        *ptrs, y, L, Dm, N, R, *strides, Bt * L * Dm if split else 0,
+        SPLIT=split, SOFTPLUS=delta_softplus, **flags, **cfg,
+    )
     return y.to(u.dtype)
 
 
 def multi_route_selective_scan_triton_backward(
-    u, delta, A, B, C, D, z, delta_bias, routes, weights, delta_softplus, gy
+    u, delta, A, B, C, D, z, delta_bias, routes, weights, delta_softplus, gy, split=False
 ):
     (Bt, L, Dm, N, R), ptrs, strides, flags = _selective_args(u, delta, A, B, C, D, z, delta_bias, routes, weights)
     cfg = _selective_blocks(L, Dm, N)
     CHUNK = min(64, triton.next_power_of_2(L))
-    grid = (Bt, triton.cdiv(Dm, cfg["BLOCK_D"]))
+    grid = (Bt, triton.cdiv(Dm, cfg["BLOCK_D"]), R if split else 1)
     n_chunks = triton.cdiv(L, CHUNK)
     tile = cfg["BLOCK_D"] * cfg["NP"]
-    ckpt = _empty((grid[0] * grid[1], n_chunks, tile), u)
-    hist = _empty((grid[0] * grid[1], CHUNK, tile), u)
+    programs = grid[0] * grid[1] * grid[2]
+    ckpt = _empty((programs, n_chunks, tile), u)
+    hist = _empty((programs, CHUNK, tile), u)
 
     def zeros(shape):
         return torch.zeros(shape, dtype=torch.float32, device=u.device)
@@ -648,15 +718,20 @@ def multi_route_selective_scan_triton_backward(
     gw = _empty((grid[1], Bt, L, R), u) if weights is not None else gu
     _mr_selective_bwd_kernel[grid](
         *ptrs, gy.contiguous(), ckpt, hist, gu, gdelta, gz, gB, gC, gA, gD, gbias, gw,
-        L, Dm, N, R, Bt, *strides, B.numel(), C.numel(), SOFTPLUS=delta_softplus, CHUNK=CHUNK, **flags, **cfg,
+        L, Dm, N, R, Bt, *strides, Bt * L * Dm if split else 0, B.numel(), C.numel(),
+        SPLIT=split, SOFTPLUS=delta_softplus, CHUNK=CHUNK, **flags, **cfg,
     )
-    gA = gA.sum(0)  # [R, D, N]
-    gA = (gA if A.dim() == 3 else gA.sum(0)).to(A.dtype)
+
+    def per_route_sum(g, x):  # partials [Bt, R, ...] -> x's shape: per route [R, ...] or shared
+        g = g.sum(0)
+        return (g if g.dim() == x.dim() else g.sum(0)).to(x.dtype)
+
     return (
-        gu.to(u.dtype), gdelta.to(delta.dtype), gA, gB.sum(0).to(B.dtype), gC.sum(0).to(C.dtype),
-        None if D is None else gD.sum((0, 1)).to(D.dtype),
+        gu.to(u.dtype), gdelta.to(delta.dtype), per_route_sum(gA, A), gB.sum(0).to(B.dtype),
+        gC.sum(0).to(C.dtype),
+        None if D is None else per_route_sum(gD, D),
         None if z is None else gz.to(z.dtype),
-        None if delta_bias is None else gbias.sum((0, 1)).to(delta_bias.dtype),
+        None if delta_bias is None else per_route_sum(gbias, delta_bias),
         None if weights is None else _weight_grad(gw, weights),
     )
 
@@ -665,24 +740,27 @@ def multi_route_selective_scan_triton_backward(
 def _mr_selective_op(
     u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
     D: torch.Tensor | None, z: torch.Tensor | None, delta_bias: torch.Tensor | None, routes: torch.Tensor,
-    weights: torch.Tensor | None, delta_softplus: bool,
+    weights: torch.Tensor | None, delta_softplus: bool, split: bool = False,
 ) -> torch.Tensor:
     if use_triton(u, delta, A, B, C, D, z, delta_bias, weights):
-        return multi_route_selective_scan_triton(u, delta, A, B, C, D, z, delta_bias, routes, weights, delta_softplus)
+        return multi_route_selective_scan_triton(
+            u, delta, A, B, C, D, z, delta_bias, routes, weights, delta_softplus, split
+        )
     with torch.no_grad():
         return multi_route_selective_scan_reference(
-            u, delta, A, B, C, D, z, delta_bias, routes, weights, delta_softplus
+            u, delta, A, B, C, D, z, delta_bias, routes, weights, delta_softplus, _combine(split)
         ).contiguous()
 
 
 @_mr_selective_op.register_fake
-def _(u, delta, A, B, C, D, z, delta_bias, routes, weights, delta_softplus):
-    return u.new_empty(u.shape[-3:])
+def _(u, delta, A, B, C, D, z, delta_bias, routes, weights, delta_softplus, split=False):
+    return u.new_empty((routes.shape[0], *u.shape[-3:]) if split else u.shape[-3:])
 
 
 def _mr_selective_setup(ctx, inputs, output):
-    *tensors, delta_softplus = inputs
+    *tensors, delta_softplus, split = inputs
     ctx.delta_softplus = delta_softplus
+    ctx.split = split
     ctx.save_for_backward(*tensors)
 
 
@@ -690,16 +768,16 @@ def _mr_selective_backward(ctx, gy):
     u, delta, A, B, C, D, z, delta_bias, routes, weights = ctx.saved_tensors
     if use_triton(u, delta, A, B, C, D, z, delta_bias, weights):
         gu, gdelta, gA, gB, gC, gD, gz, gbias, gw = multi_route_selective_scan_triton_backward(
-            u, delta, A, B, C, D, z, delta_bias, routes, weights, ctx.delta_softplus, gy
+            u, delta, A, B, C, D, z, delta_bias, routes, weights, ctx.delta_softplus, gy, ctx.split
         )
     else:
         def fn(*args):
-            return multi_route_selective_scan_reference(*args, ctx.delta_softplus)
+            return multi_route_selective_scan_reference(*args, ctx.delta_softplus, _combine(ctx.split))
 
         gu, gdelta, gA, gB, gC, gD, gz, gbias, _, gw = reference_vjp(
             fn, (u, delta, A, B, C, D, z, delta_bias, routes, weights), (gy,)
         )
-    return gu, gdelta, gA, gB, gC, gD, gz, gbias, None, gw, None
+    return gu, gdelta, gA, gB, gC, gD, gz, gbias, None, gw, None, None
 
 
 _mr_selective_op.register_autograd(_mr_selective_backward, setup_context=_mr_selective_setup)
@@ -722,46 +800,57 @@ def _check_weights(op: str, weights: torch.Tensor | None, Bt: int, L: int, R: in
         raise ValueError(f"{op}: weights must be [Bt, R] = {[Bt, R]} or [Bt, L, R] = {[Bt, L, R]}, got {list(weights.shape)}")
 
 
+def _split(op: str, combine: str, weights: torch.Tensor | None) -> bool:
+    if combine not in ("sum", "none"):
+        raise ValueError(f"{op}: combine must be 'sum' or 'none', got {combine!r}")
+    if combine == "none" and weights is not None:
+        raise ValueError(f"{op}: combine='none' returns every route's output and takes no weights")
+    return combine == "none"
+
+
 def multi_route_linear_scan(
-    a: torch.Tensor, b: torch.Tensor, routes: torch.Tensor, weights: torch.Tensor | None = None
+    a: torch.Tensor, b: torch.Tensor, routes: torch.Tensor, weights: torch.Tensor | None = None, *,
+    combine: str = "sum",
 ) -> torch.Tensor:
     """y = sum_r w_r * scatter_r(scan(gather_r(a), gather_r(b))).
 
     a, b: [Bt, L, D] (shared by all routes) or [R, Bt, L, D]; routes int64 [R, L], each row a permutation of
-    0..L-1 (not checked on the device); weights None (sum), [Bt, R] or [Bt, L, R]. Returns y [Bt, L, D].
+    0..L-1 (not checked on the device); weights None (sum), [Bt, R] or [Bt, L, R]. Returns y [Bt, L, D];
+    with combine="none" (weights None) every route's scattered output, [R, Bt, L, D].
     """
     op = "multi_route_linear_scan"
     Bt, L, D = b.shape[-3:]
     R = routes.shape[0]
+    split = _split(op, combine, weights)
     _check_routes(op, routes, L, b.device)
     _check_input(op, "a", a, (Bt, L, D), R)
     _check_input(op, "b", b, (Bt, L, D), R)
     _check_weights(op, weights, Bt, L, R)
-    return torch.ops.routec.multi_route_linear_scan(a, b, routes, weights)
+    return torch.ops.routec.multi_route_linear_scan(a, b, routes, weights, split)
 
 
 def multi_route_selective_scan(
     u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
     D: torch.Tensor | None, z: torch.Tensor | None, delta_bias: torch.Tensor | None, routes: torch.Tensor,
-    weights: torch.Tensor | None = None, *, delta_softplus: bool = False,
+    weights: torch.Tensor | None = None, *, delta_softplus: bool = False, combine: str = "sum",
 ) -> torch.Tensor:
     """Mamba S6 (DESIGN §5 `selective_scan`) along every route, scattered back and combined.
 
     u, delta, z: [Bt, L, D] or [R, Bt, L, D]; A: [D, N] or [R, D, N]; B, C: [Bt, L, N] or [R, Bt, L, N];
-    D, delta_bias: [D]; routes int64 [R, L]; weights None, [Bt, R] or [Bt, L, R]. Returns y [Bt, L, D].
+    D, delta_bias: [D] or [R, D]; routes int64 [R, L]; weights None, [Bt, R] or [Bt, L, R]. Returns
+    y [Bt, L, D]; with combine="none" (weights None) every route's scattered output, [R, Bt, L, D].
     """
     op = "multi_route_selective_scan"
     Bt, L, Dm = u.shape[-3:]
     R = routes.shape[0]
     N = A.shape[-1]
+    split = _split(op, combine, weights)
     _check_routes(op, routes, L, u.device)
     for name, x, shape in (("u", u, (Bt, L, Dm)), ("delta", delta, (Bt, L, Dm)), ("z", z, (Bt, L, Dm)),
-                           ("A", A, (Dm, N)), ("B", B, (Bt, L, N)), ("C", C, (Bt, L, N))):
+                           ("A", A, (Dm, N)), ("B", B, (Bt, L, N)), ("C", C, (Bt, L, N)),
+                           ("D", D, (Dm,)), ("delta_bias", delta_bias, (Dm,))):
         _check_input(op, name, x, shape, R)
-    for name, x in (("D", D), ("delta_bias", delta_bias)):
-        if x is not None and tuple(x.shape) != (Dm,):
-            raise ValueError(f"{op}: {name} must be [{Dm}], got {list(x.shape)}")
     _check_weights(op, weights, Bt, L, R)
     return torch.ops.routec.multi_route_selective_scan(
-        u, delta, A, B, C, D, z, delta_bias, routes, weights, delta_softplus
+        u, delta, A, B, C, D, z, delta_bias, routes, weights, delta_softplus, split
     )
