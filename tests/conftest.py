@@ -20,6 +20,10 @@ import pytest
 
 GOLDEN_DIR = Path(__file__).parent / "golden"
 
+# Plain helper modules of the tests (stdlib_refs.py) import by name: --import-mode=importlib keeps tests/ off sys.path.
+if str(Path(__file__).parent) not in sys.path:
+    sys.path.insert(0, str(Path(__file__).parent))
+
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption(
