@@ -51,6 +51,15 @@ def _render_call(name: str, params: tuple[Param, ...], kw: dict) -> str:
     return f"{name}({', '.join(shown)})"
 
 
+def _render_kw(name: str, params: tuple[Param, ...], kw: dict) -> str:
+    """`pad([0, 2], value=1.0)`, `std(3, keepdim=true)`: required arguments by position, the others by name
+    when they differ from their default."""
+    shown = [render_value(kw.get(p.name)) for p in params if p.required]
+    shown += [f"{p.name}={render_value(kw.get(p.name))}" for p in params
+              if not p.required and kw.get(p.name) != p.default]
+    return f"{name}({', '.join(shown)})"
+
+
 def _same(shapes: list[Shape], kw: dict) -> ShapeResult:
     return shapes[0]
 
@@ -308,7 +317,7 @@ def _pad(shapes: list[Shape], kw: dict) -> ShapeResult:
         return ArgMessage(
             f"`pad` argument `pad` must be a list of ints [left, right, top, bottom, …], got {describe(amounts)}",
             "pad")
-    call = _render_call("pad", PAD_PARAMS, kw)
+    call = _render_kw("pad", PAD_PARAMS, kw)
     if not amounts or len(amounts) % 2:
         return ArgMessage(
             f"`{call}` needs a (left, right) pair of amounts per padded dimension, last dimension first: an even "
@@ -334,7 +343,7 @@ def _spread(name: str) -> Callable[[list[Shape], dict], ShapeResult]:
 
     def rule(shapes: list[Shape], kw: dict) -> ShapeResult:
         (x,) = shapes
-        call = _render_call(name, STAT_PARAMS, kw)
+        call = _render_kw(name, STAT_PARAMS, kw)
         d = norm_dim(kw["dim"], len(x))
         if d is None:
             return ArgMessage(dim_error(call, kw["dim"], x), "dim")
