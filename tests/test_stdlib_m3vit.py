@@ -14,43 +14,15 @@ from __future__ import annotations
 
 import re
 
-import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+from stdlib_refs import (TimmAttention, TimmMlp, assert_every_parameter_trained, assert_same_topk, canonical_state,
+                         capture, load_routec_state, tensor_out)
+from stdlib_refs import reference_backend  # noqa: F401  (autouse: ROUTEC_BACKEND=reference)
 
 SMALL = dict(img=32, patch=16, d=32, depth=4, heads=2, mlp_ratio=2, experts=6, k=2, moe_mlp_ratio=1)
 TASKS = ("semseg", "parts", "saliency", "normals", "edges")  # the spec's keyed gate order
-
-
-@pytest.fixture(autouse=True)
-def _reference_backend(monkeypatch):
-    monkeypatch.setenv("ROUTEC_BACKEND", "reference")
-
-
-class RefAttention(nn.Module):
-    def __init__(self, dim, heads):
-        super().__init__()
-        self.heads = heads
-        self.scale = (dim // heads) ** -0.5
-        self.qkv = nn.Linear(dim, 3 * dim, bias=True)
-        self.proj = nn.Linear(dim, dim)
-
-    def forward(self, x):
-        B, N, C = x.shape
-        q, k, v = self.qkv(x).reshape(B, N, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)
-        attn = ((q @ k.transpose(-2, -1)) * self.scale).softmax(-1)
-        return self.proj((attn @ v).transpose(1, 2).reshape(B, N, C))
-
-
-class RefMlp(nn.Module):
-    def __init__(self, dim, hidden):
-        super().__init__()
-        self.fc1 = nn.Linear(dim, hidden)
-        self.fc2 = nn.Linear(hidden, dim)
-
-    def forward(self, x):
-        return self.fc2(F.gelu(self.fc1(x)))
 
 
 class RefVMoEGate(nn.Module):
@@ -72,7 +44,7 @@ class RefTaskMoE(nn.Module):
 
     def __init__(self, dim, hidden, experts, k, tasks):
         super().__init__()
-        self.experts = nn.ModuleList(RefMlp(dim, hidden) for _ in range(experts))
+        self.experts = nn.ModuleList(TimmMlp(dim, hidden) for _ in range(experts))
         self.gate = nn.ModuleList(RefVMoEGate(dim, experts, k) for _ in range(tasks))
         self.last_indices = None
 
@@ -93,10 +65,10 @@ class RefBlock(nn.Module):
     def __init__(self, dim, heads, hidden, moe=None):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=1e-6)
-        self.attn = RefAttention(dim, heads)
+        self.attn = TimmAttention(dim, heads)
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
         self.moe = moe is not None
-        self.mlp = moe if moe is not None else RefMlp(dim, hidden)
+        self.mlp = moe if moe is not None else TimmMlp(dim, hidden)
 
     def forward(self, x, task_id):
         x = x + self.attn(self.norm1(x))
@@ -164,35 +136,6 @@ def routec_to_reference(name: str, value: torch.Tensor) -> dict[str, torch.Tenso
     raise AssertionError(f"unmapped routec parameter {name}")
 
 
-def canonical_parameters(net: nn.Module) -> dict[str, torch.Tensor]:
-    """The routec module's tensors under their spec names. A `route … to { … }` keeps its branches' modules
-    also under `route_<gate>.branches.<n>.<spec name>`: those entries must alias the spec-named tensors."""
-    state = net.state_dict()
-    canonical = {}
-    for name, value in state.items():
-        m = re.fullmatch(r".*?\.route_\w+\.branches\.\d+\.(.+)", name)
-        if m:
-            assert state[m[1]].data_ptr() == value.data_ptr(), f"{name} is not the same tensor as {m[1]}"
-            continue
-        canonical[name] = value
-    return canonical
-
-
-def copy_into_reference(net: nn.Module, ref: nn.Module) -> None:
-    state: dict[str, torch.Tensor] = {}
-    parts: dict[str, dict[int, torch.Tensor]] = {}
-    for name, value in canonical_parameters(net).items():
-        for key, v in routec_to_reference(name, value.detach()).items():
-            if "#" in key:
-                base, part = key.split("#")
-                parts.setdefault(base, {})[int(part)] = v
-            else:
-                state[key] = v.clone()
-    for base, pieces in parts.items():
-        state[base] = torch.cat([pieces[p] for p in range(3)], dim=0)
-    ref.load_state_dict(state, strict=True)
-
-
 def test_reference_moe_matches_a_per_token_loop():
     """The reference MoE layer against the paper's formula evaluated token by token."""
     torch.manual_seed(1)
@@ -219,19 +162,8 @@ def build(**params):
             if any(f"{task}.linear" in name for task in TASKS):
                 p.mul_(50.0)
     ref = RefM3ViT(**params)
-    copy_into_reference(net, ref)
+    load_routec_state(ref, canonical_state(net).items(), routec_to_reference)
     return net, ref
-
-
-def tensor_out(out):
-    return out if isinstance(out, torch.Tensor) else out[0]
-
-
-def capture(net: nn.Module, name: str) -> list:
-    """Record the outputs of the routec submodule `name` (a gate) at every forward."""
-    seen: list = []
-    dict(net.named_modules())[name].register_forward_hook(lambda module, args, out: seen.append(out))
-    return seen
 
 
 def test_eval_matches_reference_one_task_per_batch():
@@ -248,10 +180,7 @@ def test_eval_matches_reference_one_task_per_batch():
             weights, indices, _ = seen[-1]
             ref_moe = ref.blocks[i].mlp
             ref_idx, ref_w = ref_moe.gate[task](ref_moe.last_input)
-            order, ref_order = indices.reshape(-1, SMALL["k"]).sort(-1), ref_idx.sort(-1)
-            torch.testing.assert_close(order.values, ref_order.values)
-            torch.testing.assert_close(weights.reshape(-1, SMALL["k"]).gather(1, order.indices),
-                                       ref_w.gather(1, ref_order.indices), atol=1e-5, rtol=1e-4)
+            assert_same_topk(weights, indices, ref_w, ref_idx, SMALL["k"])
     # the tasks really take different pathways through the experts
     chosen = []
     with torch.no_grad():
@@ -284,7 +213,4 @@ def test_train_step_gives_gradients():
         loss = loss + 0.01 * aux
     assert torch.isfinite(loss)
     loss.backward()
-    for name, p in net.named_parameters():
-        assert p.grad is not None, f"{name} got no gradient"
-        assert torch.isfinite(p.grad).all(), name
-        assert p.grad.abs().sum() > 0, f"{name} got a zero gradient"
+    assert_every_parameter_trained(net)
