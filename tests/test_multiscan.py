@@ -213,12 +213,16 @@ def test_compile_and_fake(reference_backend):
 @pytest.mark.slow
 def test_kernels_compile_for_gpu(compile_for_sm90):
     routes = {"routes_ptr": "*i64"}
-    linear = dict(HAS_W=True, BLOCK_L=16, BLOCK_D=16)
-    flags = dict(HAS_D=True, HAS_Z=True, HAS_BIAS=True, HAS_W=True, SOFTPLUS=True, BLOCK_D=16, NP=4)
-    compile_for_sm90("routec.codegen.multiscan", [
-        ("_mr_linear_fwd_kernel", linear, routes), ("_mr_linear_bwd_kernel", linear, routes),
-        ("_mr_selective_fwd_kernel", flags, routes), ("_mr_selective_bwd_kernel", dict(flags, CHUNK=8), routes),
-    ])
+    specs = []
+    for split in (False, True):  # combine="sum" (weighted) and combine="none" (route as a grid axis)
+        linear = dict(HAS_W=not split, SPLIT=split, BLOCK_L=16, BLOCK_D=16)
+        flags = dict(HAS_D=True, HAS_Z=True, HAS_BIAS=True, HAS_W=not split, SPLIT=split, SOFTPLUS=True,
+                     BLOCK_D=16, NP=4)
+        specs += [
+            ("_mr_linear_fwd_kernel", linear, routes), ("_mr_linear_bwd_kernel", linear, routes),
+            ("_mr_selective_fwd_kernel", flags, routes), ("_mr_selective_bwd_kernel", dict(flags, CHUNK=8), routes),
+        ]
+    compile_for_sm90("routec.codegen.multiscan", specs)
 
 
 def test_shape_errors():
