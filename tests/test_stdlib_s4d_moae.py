@@ -18,18 +18,15 @@ from __future__ import annotations
 import re
 
 import numpy as np
-import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from stdlib_refs import TimmMlp, assert_every_parameter_trained, capture, load_routec_state
+from stdlib_refs import reference_backend  # noqa: F401  (autouse: ROUTEC_BACKEND=reference)
+
 SMALL = dict(img=32, frames=4, d=32, depth=3, heads=2, moe_from=1)  # 2·2·2 = 8 tokens per video
 E, K = 4, 2
-
-
-@pytest.fixture(autouse=True)
-def _reference_backend(monkeypatch):
-    monkeypatch.setenv("ROUTEC_BACKEND", "reference")
 
 
 def sinusoid_table(n_position: int, d_hid: int) -> torch.Tensor:
@@ -58,16 +55,6 @@ class RefAttention(nn.Module):
         return self.proj((attn @ v).transpose(1, 2).reshape(B, N, -1))
 
 
-class RefMlp(nn.Module):
-    def __init__(self, dim, hidden):
-        super().__init__()
-        self.fc1 = nn.Linear(dim, hidden)
-        self.fc2 = nn.Linear(hidden, dim)
-
-    def forward(self, x):
-        return self.fc2(F.gelu(self.fc1(x)))
-
-
 class RefNoisyTopkRouter(nn.Module):
     def __init__(self, dim, experts, k):
         super().__init__()
@@ -89,7 +76,7 @@ class RefSparseMoEWithCapacity(nn.Module):
     def __init__(self, dim, experts, k, capacity_factor):
         super().__init__()
         self.router = RefNoisyTopkRouter(dim, experts, k)
-        self.experts = nn.ModuleList(RefMlp(dim, dim // 4) for _ in range(experts))
+        self.experts = nn.ModuleList(TimmMlp(dim, dim // 4) for _ in range(experts))
         self.k, self.capacity_factor, self.num_experts = k, capacity_factor, experts
         self.kept = None
 
@@ -117,7 +104,7 @@ class RefBlock(nn.Module):
         self.norm1 = nn.LayerNorm(dim, eps=1e-6)
         self.attn = RefAttention(dim, heads)
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
-        self.mlp = RefMlp(dim, hidden)
+        self.mlp = TimmMlp(dim, hidden)
         self.moe_layer = RefSparseMoEWithCapacity(dim, E, K, capacity_factor) if moe else None
 
     def forward(self, x):
@@ -193,21 +180,6 @@ def routec_to_reference(name: str, value: torch.Tensor) -> dict[str, torch.Tenso
     raise AssertionError(f"unmapped routec parameter {name}")
 
 
-def copy_into_reference(net: nn.Module, ref: nn.Module) -> None:
-    state: dict[str, torch.Tensor] = {"pos_embed": ref.pos_embed}
-    parts: dict[str, dict[int, torch.Tensor]] = {}
-    for name, value in net.state_dict().items():
-        for key, v in routec_to_reference(name, value.detach()).items():
-            if "#" in key:
-                base, part = key.split("#")
-                parts.setdefault(base, {})[int(part)] = v
-            else:
-                state[key] = v.clone()
-    for base, pieces in parts.items():
-        state[base] = torch.cat([pieces[p] for p in range(3)], dim=0)
-    ref.load_state_dict(state, strict=True)
-
-
 def build(**params):
     from routec.compiler import load
 
@@ -229,12 +201,10 @@ def test_reference_tubelet_linear_equals_conv3d():
 
 def test_eval_matches_reference():
     net, ref = build(**SMALL)
-    copy_into_reference(net, ref)
+    load_routec_state(ref, net.state_dict().items(), routec_to_reference, keep=["pos_embed"])
     net.eval(), ref.eval()
-    seen = {i: [] for i in range(SMALL["moe_from"], SMALL["depth"])}
-    for i in seen:  # the top-k gates' (weights, indices, aux)
-        gate = dict(net.named_modules())[f"layers.{i}.blk.g.gate"]
-        gate.register_forward_hook(lambda module, args, out, i=i: seen[i].append(out))
+    # the top-k gates' (weights, indices, aux)
+    seen = {i: capture(net, f"layers.{i}.blk.g.gate") for i in range(SMALL["moe_from"], SMALL["depth"])}
     video = torch.randn(3, 3, SMALL["frames"], SMALL["img"], SMALL["img"])
     with torch.no_grad():
         got = net(video)
@@ -254,7 +224,7 @@ def test_capacity_overflow_drops_the_same_tokens():
         for name, p in net.named_parameters():
             if name.endswith("g.linear.bias"):
                 p[0] += 30.0
-    copy_into_reference(net, ref)
+    load_routec_state(ref, net.state_dict().items(), routec_to_reference, keep=["pos_embed"])
     net.eval(), ref.eval()
     video = torch.randn(3, 3, SMALL["frames"], SMALL["img"], SMALL["img"])
     with torch.no_grad():
@@ -275,7 +245,4 @@ def test_train_step_gives_gradients():
     loss = loss + 1e-3 * out.aux_loss  # the official aux_loss_coeff
     assert torch.isfinite(loss)
     loss.backward()
-    for name, p in net.named_parameters():
-        assert p.grad is not None, f"{name} got no gradient"
-        assert torch.isfinite(p.grad).all(), name
-        assert p.grad.abs().sum() > 0, f"{name} got a zero gradient"
+    assert_every_parameter_trained(net)
