@@ -17,17 +17,14 @@ from __future__ import annotations
 import math
 import re
 
-import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from stdlib_refs import TimmAttention, load_routec_state
+from stdlib_refs import reference_backend  # noqa: F401  (autouse: ROUTEC_BACKEND=reference)
+
 SMALL = dict(img=32, d=32, depth=4, heads=2, classes=5)  # 4 patches + cls, 3 intermediate exits
-
-
-@pytest.fixture(autouse=True)
-def _reference_backend(monkeypatch):
-    monkeypatch.setenv("ROUTEC_BACKEND", "reference")
 
 
 def sinusoid_encoding(n_position: int, d_hid: int) -> torch.Tensor:
@@ -39,26 +36,11 @@ def sinusoid_encoding(n_position: int, d_hid: int) -> torch.Tensor:
     return table[None]
 
 
-class RefAttention(nn.Module):
-    def __init__(self, dim, heads):
-        super().__init__()
-        self.heads = heads
-        self.scale = (dim // heads) ** -0.5
-        self.qkv = nn.Linear(dim, 3 * dim, bias=True)
-        self.proj = nn.Linear(dim, dim)
-
-    def forward(self, x):
-        B, N, C = x.shape
-        q, k, v = self.qkv(x).reshape(B, N, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)
-        attn = ((q @ k.transpose(-2, -1)) * self.scale).softmax(-1)
-        return self.proj((attn @ v).transpose(1, 2).reshape(B, N, C))
-
-
 class RefBlock(nn.Module):
     def __init__(self, dim, heads, mlp_ratio):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim)
-        self.attn = RefAttention(dim, heads)
+        self.attn = TimmAttention(dim, heads)
         self.norm2 = nn.LayerNorm(dim)
         self.fc1 = nn.Linear(dim, dim * mlp_ratio)
         self.fc2 = nn.Linear(dim * mlp_ratio, dim)
@@ -164,18 +146,7 @@ def routec_to_reference(name: str, value: torch.Tensor) -> dict[str, torch.Tenso
 
 
 def copy_into_reference(net: nn.Module, ref: nn.Module) -> None:
-    state: dict[str, torch.Tensor] = {"pos_embed": ref.pos_embed}
-    parts: dict[str, dict[int, torch.Tensor]] = {}
-    for name, value in net.state_dict().items():
-        for key, v in routec_to_reference(name, value.detach()).items():
-            if "#" in key:
-                base, part = key.split("#")
-                parts.setdefault(base, {})[int(part)] = v
-            else:
-                state[key] = v.clone()
-    for base, pieces in parts.items():
-        state[base] = torch.cat([pieces[p] for p in range(3)], dim=0)
-    ref.load_state_dict(state, strict=True)
+    load_routec_state(ref, net.state_dict().items(), routec_to_reference, keep=["pos_embed"])
 
 
 def build(img_batch: torch.Tensor):
