@@ -17,18 +17,14 @@ import math
 import re
 
 import numpy as np
-import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from stdlib_refs import TimmAttention, assert_every_parameter_trained, load_routec_state
+from stdlib_refs import reference_backend  # noqa: F401  (autouse: ROUTEC_BACKEND=reference)
 
 SMALL = dict(img=8, in_ch=4, patch=2, d=32, depth=2, heads=2, mlp_ratio=4, classes=5, tasks=50, freq=16)
-
-
-@pytest.fixture(autouse=True)
-def _reference_backend(monkeypatch):
-    monkeypatch.setenv("ROUTEC_BACKEND", "reference")
 
 
 def create_mask_tasks(task_count, unit_count, beta, alpha):
@@ -56,25 +52,11 @@ def modulate(x, shift, scale):
     return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
 
 
-class RefAttention(nn.Module):
-    def __init__(self, dim, heads):
-        super().__init__()
-        self.heads = heads
-        self.qkv = nn.Linear(dim, 3 * dim)
-        self.proj = nn.Linear(dim, dim)
-
-    def forward(self, x):
-        B, N, C = x.shape
-        q, k, v = self.qkv(x).reshape(B, N, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)
-        attn = (q @ k.transpose(-2, -1) * (C // self.heads) ** -0.5).softmax(-1)
-        return self.proj((attn @ v).transpose(1, 2).reshape(B, N, C))
-
-
 class RefDiTBlock(nn.Module):
     def __init__(self, d, heads, mlp_ratio):
         super().__init__()
         self.norm1 = nn.LayerNorm(d, elementwise_affine=False, eps=1e-6)
-        self.attn = RefAttention(d, heads)
+        self.attn = TimmAttention(d, heads)
         self.norm2 = nn.LayerNorm(d, elementwise_affine=False, eps=1e-6)
         self.fc1, self.fc2 = nn.Linear(d, d * mlp_ratio), nn.Linear(d * mlp_ratio, d)
         self.adaLN_modulation = nn.Linear(d, 6 * d)
@@ -168,18 +150,11 @@ def test_spec_block_routes_like_the_reference():
         for p in net.parameters():
             p.normal_(0.0, 0.3)
     ref = RefDiTBlock(d, heads, 4)
-    state, qkv = {}, {}
-    for name, value in net.state_dict().items():
-        for key, v in routec_to_reference(f"layers.0.blk.{name}", value).items():
-            key = key.removeprefix("blocks.0.")
-            if "#" in key:
-                base, part = key.split("#")
-                qkv.setdefault(base, {})[int(part)] = v
-            else:
-                state[key] = v.clone()
-    for base, pieces in qkv.items():
-        state[base] = torch.cat([pieces[i] for i in range(3)], 0)
-    ref.load_state_dict(state, strict=True)
+
+    def block_to_reference(name, value):  # the model's name map, for block 0 without its "blocks.0." prefix
+        return {k.removeprefix("blocks.0."): v for k, v in routec_to_reference(f"layers.0.blk.{name}", value).items()}
+
+    load_routec_state(ref, net.state_dict().items(), block_to_reference)
     table = create_mask_tasks(10, d, 0.5, 4.0)
     t = torch.tensor([0, 6, 9])
     x, c, mask = torch.randn(3, 5, d), torch.randn(3, d), table[t]
@@ -225,17 +200,7 @@ def build():
         for p in net.parameters():
             p.normal_(0.0, 0.2)
     ref = RefDTR(**SMALL)
-    state, parts = dict(ref.state_dict()), {}
-    for name, value in net.state_dict().items():
-        for key, v in routec_to_reference(name, value).items():
-            if "#" in key:
-                base, part = key.split("#")
-                parts.setdefault(base, {})[int(part)] = v
-            else:
-                state[key] = v.clone()
-    for base, pieces in parts.items():
-        state[base] = torch.cat([pieces[p] for p in range(3)], dim=0)
-    ref.load_state_dict(state, strict=True)
+    load_routec_state(ref, net.state_dict().items(), routec_to_reference, keep=["pos_embed", "unit_mapping"])
     return net, ref
 
 
@@ -261,6 +226,4 @@ def test_train_step_gives_gradients():
     loss = net(latent, t, y).square().mean()
     torch.testing.assert_close(loss, ref(latent, t, y).square().mean(), atol=1e-5, rtol=1e-4)
     loss.backward()
-    for name, p in net.named_parameters():
-        assert p.grad is not None and torch.isfinite(p.grad).all(), name
-        assert p.grad.abs().sum() > 0, f"{name} got a zero gradient"
+    assert_every_parameter_trained(net)
