@@ -7,6 +7,7 @@ Each `FuncDef` pairs a named function of torch or `routec.codegen.functions` (it
 
 from __future__ import annotations
 
+import re
 from collections import Counter
 from typing import Any, Callable, Sequence
 
@@ -299,7 +300,14 @@ def _grown(size: Any, by: int) -> Any:
         return size
     if isinstance(size, int):
         return size + by
-    text = f"({size})" if " " in str(size) else str(size)
+    text = str(size)
+    if any(c in text for c in "*/()%"):
+        text = f"({text})"
+    else:  # a sum: `T + 1` grown by 2 is `T + 3`
+        while tail := re.fullmatch(r"(.+) ([+-]) (\d+)", text):
+            text, by = tail.group(1), by + (int(tail.group(3)) if tail.group(2) == "+" else -int(tail.group(3)))
+    if by == 0:
+        return text
     return f"{text} + {by}" if by > 0 else f"{text} - {-by}"
 
 
