@@ -14,33 +14,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from stdlib_refs import TimmAttention, assert_every_parameter_trained, load_routec_state
+from stdlib_refs import reference_backend  # noqa: F401  (autouse: ROUTEC_BACKEND=reference)
+
 SMALL = dict(img=32, patch=16, d=32, depth=3, heads=2, mlp_ratio=2, classes=5)
-
-
-@pytest.fixture(autouse=True)
-def _reference_backend(monkeypatch):
-    monkeypatch.setenv("ROUTEC_BACKEND", "reference")
-
-
-class RefAttention(nn.Module):
-    def __init__(self, dim, heads):
-        super().__init__()
-        self.heads = heads
-        self.qkv = nn.Linear(dim, 3 * dim)
-        self.proj = nn.Linear(dim, dim)
-
-    def forward(self, x):
-        B, N, C = x.shape
-        q, k, v = self.qkv(x).reshape(B, N, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)
-        attn = (q @ k.transpose(-2, -1) * (C // self.heads) ** -0.5).softmax(-1)
-        return self.proj((attn @ v).transpose(1, 2).reshape(B, N, C))
 
 
 class RefBlock(nn.Module):
     def __init__(self, dim, heads, hidden):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=1e-6)
-        self.attn = RefAttention(dim, heads)
+        self.attn = TimmAttention(dim, heads)
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
         self.fc1 = nn.Linear(dim, hidden)
         self.fc2 = nn.Linear(hidden, dim)
@@ -117,21 +101,6 @@ def routec_to_reference(name: str, value: torch.Tensor) -> dict[str, torch.Tenso
     return {f"{blk}.attn.qkv.{m[2]}#{'qkv'.index(m[1])}": value}
 
 
-def copy_into_reference(net: nn.Module, ref: nn.Module) -> None:
-    state: dict[str, torch.Tensor] = {}
-    parts: dict[str, dict[int, torch.Tensor]] = {}
-    for name, value in net.state_dict().items():
-        for key, v in routec_to_reference(name, value.detach()).items():
-            if "#" in key:  # q, k, v rows of the fused qkv projection
-                base, part = key.split("#")
-                parts.setdefault(base, {})[int(part)] = v
-            else:
-                state[key] = v.clone()
-    for base, pieces in parts.items():
-        state[base] = torch.cat([pieces[p] for p in range(3)], dim=0)
-    ref.load_state_dict(state, strict=True)
-
-
 def build(**prune):
     from routec.compiler import load
 
@@ -142,7 +111,7 @@ def build(**prune):
             if re.search(r"(alpha|beta|gamma0)$", name):
                 p.uniform_(0.2, 1.8)
     ref = RefPathEnsembleViT(**SMALL, **prune)
-    copy_into_reference(net, ref)
+    load_routec_state(ref, net.state_dict().items(), routec_to_reference)
     return net, ref
 
 
@@ -184,9 +153,6 @@ def test_train_step_gives_gradients():
     assert torch.isfinite(loss)
     loss.backward()
     ref_loss.backward()
-    for name, p in net.named_parameters():
-        assert p.grad is not None, f"{name} got no gradient"
-        assert torch.isfinite(p.grad).all(), name
-        assert p.grad.abs().sum() > 0, f"{name} got a zero gradient"
+    assert_every_parameter_trained(net)
     torch.testing.assert_close(net.get_parameter("layers.2.alpha").grad.reshape(()), ref.alpha["2"].grad,
                                atol=1e-5, rtol=1e-4)
