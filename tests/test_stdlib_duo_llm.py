@@ -13,17 +13,14 @@ from __future__ import annotations
 
 import re
 
-import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from stdlib_refs import assert_every_parameter_trained, capture, load_routec_state, tensor_out
+from stdlib_refs import reference_backend  # noqa: F401  (autouse: ROUTEC_BACKEND=reference)
+
 SMALL = dict(vocab=50, context=16, d=32, layers=2, heads=2, small=16, big=128)
-
-
-@pytest.fixture(autouse=True)
-def _reference_backend(monkeypatch):
-    monkeypatch.setenv("ROUTEC_BACKEND", "reference")
 
 
 class RefFFN(nn.Module):
@@ -110,33 +107,14 @@ def routec_to_reference(name: str, value: torch.Tensor) -> dict[str, torch.Tenso
     raise AssertionError(f"unmapped routec parameter {name}")
 
 
-def copy_into_reference(net: nn.Module, ref: nn.Module) -> None:
-    state: dict[str, torch.Tensor] = {}
-    parts: dict[str, dict[int, torch.Tensor]] = {}
-    for name, value in net.state_dict().items():
-        for key, v in routec_to_reference(name, value.detach()).items():
-            if "#" in key:
-                base, part = key.split("#")
-                parts.setdefault(base, {})[int(part)] = v
-            else:
-                state[key] = v.clone()
-    for base, pieces in parts.items():
-        state[base] = torch.cat([pieces[p] for p in range(3)], dim=0)
-    ref.load_state_dict(state, strict=True)
-
-
 def build():
     from routec.compiler import load
 
     torch.manual_seed(0)
     net = load("stdlib:duo_llm", **SMALL)
     ref = RefDuoLLM(**SMALL)
-    copy_into_reference(net, ref)
+    load_routec_state(ref, net.state_dict().items(), routec_to_reference)
     return net, ref
-
-
-def tensor_out(out):
-    return out if isinstance(out, torch.Tensor) else out[0]
 
 
 def test_reference_layer_matches_a_per_token_loop():
@@ -158,10 +136,7 @@ def test_eval_matches_reference():
     net, ref = build()
     net.eval(), ref.eval()
     ids = torch.randint(0, SMALL["vocab"], (3, 13))
-    seen = {i: [] for i in range(SMALL["layers"])}
-    for i in seen:  # the routers' one-hot decisions [B, T, 3]
-        gate = dict(net.named_modules())[f"layers.{i}.layer.r.gate"]
-        gate.register_forward_hook(lambda module, args, out, i=i: seen[i].append(out))
+    seen = {i: capture(net, f"layers.{i}.layer.r.gate") for i in range(SMALL["layers"])}  # one-hot [B, T, 3]
     with torch.no_grad():
         got = tensor_out(net(ids))
         want = ref(ids)
@@ -180,7 +155,4 @@ def test_train_step_gives_gradients():
     loss = F.cross_entropy(logits[:, :-1].reshape(-1, SMALL["vocab"]), ids[:, 1:].reshape(-1))
     assert torch.isfinite(loss)
     loss.backward()
-    for name, p in net.named_parameters():
-        assert p.grad is not None, f"{name} got no gradient"
-        assert torch.isfinite(p.grad).all(), name
-        assert p.grad.abs().sum() > 0, f"{name} got a zero gradient"
+    assert_every_parameter_trained(net)
