@@ -41,6 +41,10 @@ def compile_source(text: str, filename: str = "<string>", *, model: Optional[str
 
     if batch_module(net):  # independent calls of one shared per-sample module → one call (exact, always)
         verify(net.graph_module)
+    from .passes.multiroute import merge_routes
+
+    if merge_routes(net):  # independent multi-route scans of equal sizes → one launch (exact, always)
+        verify(net.graph_module)
     if should_fuse(fuse):
         fuse_module(net)
         verify(net.graph_module)

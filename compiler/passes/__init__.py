@@ -2,7 +2,7 @@
 
 `fusion` groups elementwise nodes into regions and replaces each by one generated Triton kernel
 (`kernelgen` writes and imports its source); `launches` counts kernel launches per forward for
-`routec run --stats`.
+`routec run --stats`; `multiroute` merges independent multi-route scans into one launch per group.
 """
 
 from .fusion import count_elementwise, find_regions, fuse_graph, fuse_module, should_fuse, verify
