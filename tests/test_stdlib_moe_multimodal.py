@@ -13,19 +13,16 @@ from __future__ import annotations
 
 import re
 
-import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from stdlib_refs import assert_every_parameter_trained, assert_same_topk, canonical_state, capture, tensor_out
+from stdlib_refs import reference_backend  # noqa: F401  (autouse: ROUTEC_BACKEND=reference)
+
 
 SMALL = dict(d=16, layers=2, heads=2, hidden=24, text_vocab=30, image_vocab=10, rank=2, alpha=4.0)
 EXPERTS = 8
-
-
-@pytest.fixture(autouse=True)
-def _reference_backend(monkeypatch):
-    monkeypatch.setenv("ROUTEC_BACKEND", "reference")
 
 
 class RMSNorm(nn.Module):
@@ -217,18 +214,6 @@ def routec_to_reference(name: str) -> str:
     return f"{layer}.moe.experts.{m[1]}.{m[2]}.{leaf}"
 
 
-def canonical_parameters(net: nn.Module) -> dict[str, torch.Tensor]:
-    """Spec-named tensors; the route's `branches.<n>.…` copies must alias them."""
-    state, out = net.state_dict(), {}
-    for name, value in state.items():
-        m = re.fullmatch(r".*?\.route_\w+\.branches\.\d+\.(.+)", name)
-        if m:
-            assert state[m[1]].data_ptr() == value.data_ptr(), f"{name} is not the same tensor as {m[1]}"
-            continue
-        out[name] = value
-    return out
-
-
 def build(plora: bool):
     from routec.compiler import load
 
@@ -241,7 +226,7 @@ def build(plora: bool):
             elif "lora_b" in name:
                 p.normal_(0.0, 0.3)  # B starts at zero: give the adapters weight
     ref = RefMultimodalMoE(**SMALL, plora=plora)
-    ref.load_state_dict({routec_to_reference(k): v.clone() for k, v in canonical_parameters(net).items()}, strict=True)
+    ref.load_state_dict({routec_to_reference(k): v.clone() for k, v in canonical_state(net).items()}, strict=True)
     return net, ref
 
 
@@ -251,27 +236,16 @@ def mixed_ids(batch=3, length=7):
     return ids
 
 
-def logits_of(out):
-    return out if isinstance(out, torch.Tensor) else out[0]
-
-
 def check_eval(plora: bool):
     net, ref = build(plora)
     net.eval(), ref.eval()
-    seen = {i: [] for i in range(SMALL["layers"])}
-    for i in seen:
-        net.get_submodule(f"layers.{i}.layer.router.gate").register_forward_hook(
-            lambda module, args, out, i=i: seen[i].append(out))
+    seen = {i: capture(net, f"layers.{i}.layer.router.gate") for i in range(SMALL["layers"])}
     ids = mixed_ids()
     with torch.no_grad():
-        torch.testing.assert_close(logits_of(net(ids)), ref(ids), atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(tensor_out(net(ids)), ref(ids), atol=1e-5, rtol=1e-4)
     for i, outs in seen.items():  # the routing decisions: the same two experts with the same weights
-        weights, indices = outs[-1][0].reshape(-1, 2), outs[-1][1].reshape(-1, 2)
         ref_w, ref_idx = ref.layers[i].moe.last
-        order, ref_order = indices.sort(-1), ref_idx.sort(-1)
-        torch.testing.assert_close(order.values, ref_order.values)
-        torch.testing.assert_close(weights.gather(1, order.indices), ref_w.gather(1, ref_order.indices),
-                                   atol=1e-5, rtol=1e-4)
+        assert_same_topk(outs[-1][0], outs[-1][1], ref_w, ref_idx, 2)
 
 
 def check_train(plora: bool):
@@ -279,7 +253,7 @@ def check_train(plora: bool):
     net.train(), ref.train()
     ids = mixed_ids(4, 8)
     out = net(ids)
-    loss = F.cross_entropy(logits_of(out)[:, :-1].reshape(-1, logits_of(out).shape[-1]), ids[:, 1:].reshape(-1))
+    loss = F.cross_entropy(tensor_out(out)[:, :-1].reshape(-1, tensor_out(out).shape[-1]), ids[:, 1:].reshape(-1))
     ref_logits = ref(ids)
     ref_loss = F.cross_entropy(ref_logits[:, :-1].reshape(-1, ref_logits.shape[-1]), ids[:, 1:].reshape(-1))
     torch.testing.assert_close(loss, ref_loss, atol=1e-5, rtol=1e-4)
@@ -287,9 +261,7 @@ def check_train(plora: bool):
     total = loss + (0.01 * aux if aux is not None else 0.0)
     assert torch.isfinite(total)
     total.backward()
-    for name, p in net.named_parameters():
-        assert p.grad is not None, f"{name} got no gradient"
-        assert torch.isfinite(p.grad).all(), name
+    assert_every_parameter_trained(net, nonzero=False)
 
 
 def test_text_model_eval_matches_reference():
