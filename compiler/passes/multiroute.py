@@ -252,7 +252,7 @@ def _merge(gm: fx.GraphModule, group: list[Call]) -> None:
             args[name] = None
             continue
         shape = (total, *base_shape(name))
-        if all(p is first for p in parts) and not group[0].per_route[name]:
+        if all(p is first for p in parts) and not any(c.per_route[name] for c in group):
             args[name] = first  # shared by every route
         elif all(c.count == 1 and not c.per_route[name] for c in group):
             args[name] = make(torch.stack, (parts,), {"dim": 0}, shape)
