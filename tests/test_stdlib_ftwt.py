@@ -10,17 +10,14 @@ from __future__ import annotations
 
 import re
 
-import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from stdlib_refs import assert_every_parameter_trained, randomise_running_stats
+from stdlib_refs import reference_backend  # noqa: F401  (autouse: ROUTEC_BACKEND=reference)
+
 SMALL = dict(cfg=[8, 0, 8, 16, 0, 16, 0], n_layers=7, img=8, classes=4)
-
-
-@pytest.fixture(autouse=True)
-def _reference_backend(monkeypatch):
-    monkeypatch.setenv("ROUTEC_BACKEND", "reference")
 
 
 class RefFTWTVGG(nn.Module):
@@ -104,12 +101,8 @@ def build():
 
     torch.manual_seed(0)
     net = load("stdlib:ftwt", **SMALL)
-    with torch.no_grad():  # non-trivial BN statistics, and predictor biases that switch filters on and off
-        for name, b in net.named_buffers():
-            if name.endswith("running_mean"):
-                b.normal_(0.0, 0.2)
-            elif name.endswith("running_var"):
-                b.uniform_(0.5, 1.5)
+    randomise_running_stats(net, mean_std=0.2, var_range=(0.5, 1.5))
+    with torch.no_grad():  # predictor biases that switch filters on and off
         for name, p in net.named_parameters():
             if name.endswith("predictor.bias"):
                 p.normal_(0.0, 1.0)
@@ -151,7 +144,4 @@ def test_train_step_decoupled_losses():
     loss = task + F.binary_cross_entropy_with_logits(out.mask_logits, targets)
     assert torch.isfinite(loss)
     loss.backward()
-    for name, p in net.named_parameters():
-        assert p.grad is not None, f"{name} got no gradient"
-        assert torch.isfinite(p.grad).all(), name
-        assert p.grad.abs().sum() > 0, f"{name} got a zero gradient"
+    assert_every_parameter_trained(net)
