@@ -10,18 +10,15 @@ from __future__ import annotations
 
 import re
 
-import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from stdlib_refs import assert_every_parameter_trained, randomise_running_stats
+from stdlib_refs import reference_backend  # noqa: F401  (autouse: ROUTEC_BACKEND=reference)
+
 SIZES = dict(P=4, Q=3, T=6, L=1, K=2, d=4)
 NODES = 5
-
-
-@pytest.fixture(autouse=True)
-def _reference_backend(monkeypatch):
-    monkeypatch.setenv("ROUTEC_BACKEND", "reference")
 
 
 class FC(nn.Module):
@@ -187,12 +184,8 @@ def build():
 
     torch.manual_seed(0)
     net = load("stdlib:gman", **SIZES)
-    with torch.no_grad():  # non-trivial BatchNorm statistics and affine parameters
-        for name, b in net.named_buffers():
-            if name.endswith("running_mean"):
-                b.normal_(0.0, 0.3)
-            elif name.endswith("running_var"):
-                b.uniform_(0.5, 2.0)
+    randomise_running_stats(net, mean_std=0.3, var_range=(0.5, 2.0))
+    with torch.no_grad():  # non-trivial BatchNorm affine parameters
         for name, p in net.named_parameters():
             if "batchnorm2d" in name:
                 p.normal_(1.0 if name.endswith("weight") else 0.0, 0.2)
@@ -228,7 +221,4 @@ def test_train_step_gives_gradients():
     torch.testing.assert_close(loss, ref_loss, atol=1e-5, rtol=1e-4)
     assert torch.isfinite(loss)
     loss.backward()
-    for name, p in net.named_parameters():
-        assert p.grad is not None, f"{name} got no gradient"
-        assert torch.isfinite(p.grad).all(), name
-        assert p.grad.abs().sum() > 0, f"{name} got a zero gradient"
+    assert_every_parameter_trained(net)
