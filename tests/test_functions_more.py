@@ -6,6 +6,7 @@ and where they point; `routec compile -o` files that call them; the docs' functi
 from __future__ import annotations
 
 import importlib.util
+import os
 import re
 from pathlib import Path
 
@@ -335,6 +336,98 @@ def test_torch_compile_traces_them():
     compiled = torch.compile(net, backend="eager", fullgraph=True)
     for a, b in zip(net(x), compiled(x)):
         torch.testing.assert_close(a, b)
+
+
+# ---------------------------------------------------------------- the fusion pass
+
+needs_triton = pytest.mark.skipif(
+    os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available(),
+    reason="runs Triton kernels: set TRITON_INTERPRET=1 (or use a GPU)",
+)
+
+FUSABLE = """
+model Net(d: int = 8) {
+    in x: [B, T, d]
+    param b: [d] = 0.1
+    h = x -> Linear(d, d)
+    y = leaky_relu(h + b, 0.2) * 2.0 - clamp(h, min=-0.5) + clamp(x * h, min=-1, max=1) + clamp(h, max=0.3)
+    out y
+}
+"""
+
+
+@pytest.fixture
+def kernel_cache(tmp_path_factory, monkeypatch):
+    monkeypatch.setenv("ROUTEC_CACHE", str(tmp_path_factory.getbasetemp() / "kernels"))
+
+
+def test_fusion_takes_clamp_and_leaky_relu(kernel_cache):
+    from routec.compiler.passes.fusion import count_elementwise, find_regions
+
+    plain = compile_source(FUSABLE, "f.route", fuse=False)
+    targets = {n.target for n in plain.graph.nodes if n.op == "call_function"}
+    assert {functions.clamp, functions.leaky_relu} <= targets
+    (region,) = find_regions(plain.graph)
+    assert {n.target for n in region} >= {functions.clamp, functions.leaky_relu}
+    assert count_elementwise(plain.graph) == len(region) == 10  # + leaky * - clamp x*h clamp + clamp +
+    fused = compile_source(FUSABLE, "f.route", fuse=True)
+    assert count_elementwise(fused.graph) == 0
+    assert not {functions.clamp, functions.leaky_relu} & {n.target for n in fused.graph.nodes}
+    # a bound that is not a number (none on both sides never compiles) keeps the call out of the region
+    from routec.compiler.passes.fusion import rule_of
+
+    clamp_node = next(n for n in plain.graph.nodes if n.target is functions.clamp)
+    clamp_node.kwargs = {"min": None, "max": None}
+    assert rule_of(clamp_node) is None
+
+
+@needs_triton
+@pytest.mark.parametrize("batch,length", [(1, 17), (3, 5)])
+def test_fused_kernels_equal_the_unfused_functions(batch, length, kernel_cache, monkeypatch):
+    monkeypatch.setenv("ROUTEC_POISON", "1")
+    torch.manual_seed(0)
+    plain = compile_source(FUSABLE, "f.route", fuse=False)
+    torch.manual_seed(0)
+    fused = compile_source(FUSABLE, "f.route", fuse=True)
+    x = torch.randn(batch, length, 8) * 2
+    x_ref, x_fused = x.clone().requires_grad_(), x.clone().requires_grad_()
+    want = plain(x_ref)
+    monkeypatch.setenv("ROUTEC_BACKEND", "triton")
+    got = fused(x_fused)
+    assert not torch.isnan(got).any()
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    g = torch.randn_like(want)
+    got.backward(g)
+    monkeypatch.setenv("ROUTEC_BACKEND", "reference")
+    want.backward(g)
+    torch.testing.assert_close(x_fused.grad, x_ref.grad, rtol=1e-5, atol=1e-5)
+    for (name, p), (_, q) in zip(plain.named_parameters(), fused.named_parameters()):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-5, atol=1e-5, msg=name)
+
+
+@needs_triton
+@pytest.mark.parametrize("kwargs", [{"slope": 0.2}, {"slope": -0.3}, {"min": -0.5, "max": 1.0},
+                                    {"min": 0.25, "max": None}, {"min": None, "max": -0.75}])
+def test_each_keyword_rule_against_torch(kwargs, kernel_cache, monkeypatch):
+    from routec.compiler.passes.kernelgen import Region, Step, keyword_rule, load, op_of
+
+    monkeypatch.setenv("ROUTEC_BACKEND", "triton")
+    monkeypatch.setenv("ROUTEC_POISON", "1")
+    fn = functions.leaky_relu if "slope" in kwargs else functions.clamp
+    rule, constants = keyword_rule(fn, kwargs)
+    region = Region(1, (Step(rule, (("x", 0), *(("c", c) for c in constants))),), (0,))
+    module, path = load(region)
+    assert "@triton.jit" in path.read_text(encoding="utf-8")
+    x = torch.randn(5, 17) * 2
+    x[0, 0] = float("nan")  # NaN stays NaN, as in torch
+    want_in, got_in = x.clone().requires_grad_(), x.clone().requires_grad_()
+    want = fn(want_in, **kwargs)
+    got = op_of(module)(got_in)
+    torch.testing.assert_close(got, want, equal_nan=True)
+    g = torch.randn_like(want)
+    want.backward(g)
+    got.backward(g)
+    torch.testing.assert_close(got_in.grad[1:], want_in.grad[1:])
 
 
 # ---------------------------------------------------------------- docs

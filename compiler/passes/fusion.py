@@ -2,7 +2,8 @@
 
 Needs: a linted fx graph as `compiler.build.finish` leaves it (`RoutedModule.graph_module`).
 Guarantees: every region of at least `min_ops` connected elementwise nodes (the `kernelgen.RULES` targets
-and `x ** c` for the exponents in `kernelgen.POWERS`, with tensor or numeric operands and no kwargs) is
+and `x ** c` for the exponents in `kernelgen.POWERS`, with tensor or numeric operands and no kwargs; and
+`leaky_relu` / `clamp` calls whose keywords are numbers, `kernelgen.keyword_rule`) is
 replaced by one call to its generated custom op `routec_fused::r_<hash>` (plus a `getitem` per output when
 the region has several); the graph stays acyclic and topologically ordered and passes `graph.lint()`; the
 module computes the same values (the op falls back to the region's PyTorch reference for inputs its kernel
@@ -26,7 +27,7 @@ import torch.fx as fx
 
 from ...codegen import backend
 from ..meta import ROUTE_SPAN, ROUTE_STMT
-from .kernelgen import POWERS, RULES, Operand, Region, Rule, Step, load, op_of
+from .kernelgen import POWERS, RULES, Operand, Region, Rule, Step, keyword_rule, load, op_of
 
 FUSED_KERNELS = "routec_fused_kernels"  # GraphModule.meta key: the generated files, in graph order
 MIN_OPS = 2  # a lone elementwise op is one launch already
@@ -51,8 +52,10 @@ def _number(value: Any) -> bool:
 
 def rule_of(node: fx.Node) -> Optional[Rule]:
     """The rule for `node` when it is a fusable elementwise op, else None."""
-    if node.op != "call_function" or node.kwargs:
+    if node.op != "call_function":
         return None
+    if node.kwargs:
+        return _keyword_rule(node)
     if node.target is operator.pow:
         exponent = node.args[1] if len(node.args) == 2 else None
         if isinstance(node.args[0], fx.Node) and isinstance(exponent, (int, float)) and _number(exponent):
@@ -71,6 +74,25 @@ def rule_of(node: fx.Node) -> Optional[Rule]:
     if any(isinstance(a, fx.Node) and _not_a_tensor(a) for a in node.args):
         return None
     return rule
+
+
+def _keyword_rule(node: fx.Node) -> Optional[Rule]:
+    """`leaky_relu(x, slope=…)`, `clamp(x, min=…, max=…)`: one tensor, numeric constants as keywords."""
+    found = keyword_rule(node.target, dict(node.kwargs))
+    if found is None or len(node.args) != 1 or not isinstance(node.args[0], fx.Node):
+        return None
+    if _not_a_tensor(node.args[0]) or not all(_number(c) for c in found[1]):
+        return None
+    return found[0]
+
+
+def _args(node: fx.Node) -> tuple[Any, ...]:
+    """The operands of a fusable node: its arguments, then the constants a keyword rule takes."""
+    if node.kwargs:
+        found = keyword_rule(node.target, dict(node.kwargs))
+        assert found is not None
+        return (*node.args, *found[1])
+    return tuple(node.args)
 
 
 def _not_a_tensor(node: fx.Node) -> bool:
@@ -154,7 +176,7 @@ def describe(nodes: list[fx.Node]) -> tuple[Region, list[fx.Node], list[fx.Node]
         rule = rule_of(n)
         assert rule is not None
         operands: list[Operand] = []
-        for a in n.args:
+        for a in _args(n):
             if isinstance(a, fx.Node) and a in inside:
                 operands.append(("v", inside[a]))
             elif isinstance(a, fx.Node):

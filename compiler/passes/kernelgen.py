@@ -27,11 +27,12 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
-from typing import Any, Union
+from typing import Any, Optional, Union
 
 import torch
 import torch.nn.functional as F
 
+from ...codegen import functions
 from ...codegen.pointwise import MAX_RANK
 
 
@@ -84,6 +85,35 @@ RULES: dict[Any, Rule] = {
     torch.abs: _ABS,
     F.softplus: _SOFTPLUS,
 }
+
+# Functions whose constants come as keywords (`leaky_relu(x, slope=0.2)`, `clamp(x, min=-1.0, max=None)`): the
+# constants become the operands after the tensor, {1} and {2}. Comparisons keep NaN (a NaN input stays NaN).
+_LEAKY_RELU = Rule("leaky_relu", "F.leaky_relu({0}, {1})", "tl.where({0} > 0.0, {0}, {0} * {1})",
+                   ("tl.where({0} > 0.0, {g}, {g} * {1})", "0.0"))
+_CLAMP = Rule("clamp", "torch.clamp({0}, {1}, {2})", "tl.where({0} < {1}, {1}, tl.where({0} > {2}, {2}, {0}))",
+              ("tl.where(({0} >= {1}) & ({0} <= {2}), {g}, 0.0)", "0.0", "0.0"))
+_CLAMP_MIN = Rule("clamp_min", "torch.clamp({0}, min={1})", "tl.where({0} < {1}, {1}, {0})",
+                  ("tl.where({0} >= {1}, {g}, 0.0)", "0.0"))
+_CLAMP_MAX = Rule("clamp_max", "torch.clamp({0}, max={1})", "tl.where({0} > {1}, {1}, {0})",
+                  ("tl.where({0} <= {1}, {g}, 0.0)", "0.0"))
+KEYWORD_RULES = (_LEAKY_RELU, _CLAMP, _CLAMP_MIN, _CLAMP_MAX)
+
+
+def keyword_rule(target: Any, kwargs: dict[str, Any]) -> Optional[tuple[Rule, tuple[Any, ...]]]:
+    """The rule of a call that passes its constants as keywords, with those constants in operand order, or
+    None (the caller checks that they are numbers)."""
+    if target is functions.leaky_relu and set(kwargs) <= {"slope"}:
+        return _LEAKY_RELU, (kwargs.get("slope", 0.01),)
+    if target is functions.clamp and set(kwargs) <= {"min", "max"}:
+        low, high = kwargs.get("min"), kwargs.get("max")
+        if low is not None and high is not None:
+            return _CLAMP, (low, high)
+        if low is not None:
+            return _CLAMP_MIN, (low,)
+        if high is not None:
+            return _CLAMP_MAX, (high,)
+    return None
+
 
 # `x ** c` for the constant exponents that have an exact elementwise spelling.
 POWERS: dict[float, Rule] = {
