@@ -268,6 +268,8 @@ def print_launches(args: argparse.Namespace, xs: list) -> None:
     from ..codegen.pointwise import fusable_inputs
     from .passes import count_elementwise, count_launches
     from .passes.fusion import FUSED_KERNELS
+    from .passes.multiroute import MERGED as MULTIROUTE
+    from .passes.multiroute import count_calls as count_route_calls
 
     counts = {}
     for fuse in (False, True):
@@ -280,6 +282,12 @@ def print_launches(args: argparse.Namespace, xs: list) -> None:
     print(f"  launches per forward: {plain} unfused, {fused} fused ({regions} fused region"
           f"{'s' if regions != 1 else ''}, elementwise nodes {before} → {after}; counted with torch.profiler, "
           f"see routec.compiler.passes.launches)")
+    merged = net.graph_module.meta.get(MULTIROUTE, [])
+    if merged:  # both counts above include the merge (compile_source always runs it)
+        now = count_route_calls(net.graph)
+        print(f"  multi-route scans: {sum(c for c, _ in merged) - len(merged) + now} calls → {now} launch"
+              f"{'es' if now != 1 else ''} (merged: {', '.join(f'{c} calls of {r} routes' for c, r in merged)}; "
+              f"see routec.compiler.passes.multiroute)")
     floats = [x for x in xs if x.is_floating_point()]
     if not fusable_inputs(*(floats or [torch.zeros(1, device=args.device)])):
         print("  (fused regions ran their PyTorch reference here: use --device cuda, or set ROUTEC_BACKEND=triton "
