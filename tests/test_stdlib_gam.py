@@ -12,6 +12,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from stdlib_refs import assert_every_parameter_trained, copy_parameters
+from stdlib_refs import reference_backend  # noqa: F401  (autouse: ROUTEC_BACKEND=reference)
+
 SMALL = dict(vocab=50, context=16, d=16, depth=2, slots=8, kernel=3, dropout=0.1)
 
 
@@ -70,24 +73,6 @@ def test_reference_memory_read_matches_a_loop():
                 torch.testing.assert_close(got[b, t], want)
 
 
-@pytest.fixture(autouse=True)
-def reference_backend(monkeypatch):
-    monkeypatch.setenv("ROUTEC_BACKEND", "reference")
-
-
-def copy_into(ref: nn.Module, net: nn.Module, name_map: dict) -> None:
-    """Copy routec's parameters into the reference by an explicit {routec name: reference name} map that must
-    cover every parameter on both sides."""
-    src, dst = dict(net.named_parameters()), dict(ref.named_parameters())
-    assert sorted(src) == sorted(name_map), f"unmapped routec parameters: {sorted(set(src) ^ set(name_map))}"
-    assert sorted(dst) == sorted(set(name_map.values())), (
-        f"unmapped reference parameters: {sorted(set(dst) ^ set(name_map.values()))}")
-    with torch.no_grad():
-        for theirs, ours in name_map.items():
-            assert src[theirs].shape == dst[ours].shape, (theirs, ours)
-            dst[ours].copy_(src[theirs])
-
-
 BLOCK_MAP = {
     "memory": "memory_bank",
     "layernorm.weight": "ln1.weight",
@@ -122,7 +107,7 @@ def block_pair(d=16, slots=8, kernel=3, dropout=0.1):
 
     net = load("stdlib:gam", model="GAMBlock", d=d, slots=slots, kernel=kernel, dropout=dropout)
     ref = RefGAMBlock(d, slots, kernel, dropout)
-    copy_into(ref, net, BLOCK_MAP)
+    copy_parameters(ref, net, BLOCK_MAP)
     return net, ref
 
 
@@ -159,14 +144,13 @@ def test_block_train_step():
     torch.testing.assert_close(out, ref(x), rtol=1e-5, atol=1e-5)
     loss = out.square().mean()
     loss.backward()
-    for name, p in net.named_parameters():
-        assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, name
+    assert_every_parameter_trained(net)
     net, _ = block_pair(dropout=0.1)
     net.train()
     loss = net(x).square().mean()
     loss.backward()
     assert torch.isfinite(loss)
-    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in net.parameters())
+    assert_every_parameter_trained(net, nonzero=False)
 
 
 def model_pair(dropout=SMALL["dropout"]):
@@ -175,7 +159,7 @@ def model_pair(dropout=SMALL["dropout"]):
     small = dict(SMALL, dropout=dropout)
     net = load("stdlib:gam", **small)
     ref = RefGAM(**small)
-    copy_into(ref, net, model_map(small["depth"]))
+    copy_parameters(ref, net, model_map(small["depth"]))
     return net, ref
 
 
@@ -200,5 +184,4 @@ def test_model_train_step():
     loss = F.cross_entropy(logits[:, :-1].reshape(-1, SMALL["vocab"]), ids[:, 1:].reshape(-1))
     loss.backward()
     assert torch.isfinite(loss)
-    for name, p in net.named_parameters():
-        assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, name
+    assert_every_parameter_trained(net)
