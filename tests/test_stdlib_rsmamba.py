@@ -14,10 +14,12 @@ models draw it with `torch.randperm` on the global generator; the test records t
 
 import math
 
-import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from stdlib_refs import assert_every_parameter_trained, copy_parameters, record_randperm
+from stdlib_refs import reference_backend  # noqa: F401  (autouse: ROUTEC_BACKEND=reference)
 
 SMALL = dict(d=16, depth=2, classes=5, img=32, inner=32)
 
@@ -131,38 +133,6 @@ def test_reference_mamba_matches_a_scalar_loop():
         torch.testing.assert_close(out[0], m.out_proj(y.T))
 
 
-@pytest.fixture(autouse=True)
-def reference_backend(monkeypatch):
-    monkeypatch.setenv("ROUTEC_BACKEND", "reference")
-
-
-def record_randperm(monkeypatch):
-    """Wrap torch.randperm so the test sees every permutation routec draws (the shuffle path's π)."""
-    drawn = []
-    real = torch.randperm
-
-    def spy(*args, **kwargs):
-        perm = real(*args, **kwargs)
-        drawn.append(perm.clone())
-        return perm
-
-    monkeypatch.setattr(torch, "randperm", spy)
-    return drawn
-
-
-def copy_into(ref: nn.Module, net: nn.Module, name_map: dict) -> None:
-    """Copy routec's parameters into the reference by an explicit {routec name: reference name} map that must
-    cover every parameter on both sides."""
-    src, dst = dict(net.named_parameters()), dict(ref.named_parameters())
-    assert sorted(src) == sorted(name_map), f"unmapped routec parameters: {sorted(set(src) ^ set(name_map))}"
-    assert sorted(dst) == sorted(set(name_map.values())), (
-        f"unmapped reference parameters: {sorted(set(dst) ^ set(name_map.values()))}")
-    with torch.no_grad():
-        for theirs, ours in name_map.items():
-            assert src[theirs].numel() == dst[ours].numel(), (theirs, ours)
-            dst[ours].copy_(src[theirs].reshape(dst[ours].shape))
-
-
 MIXER = ("in_proj.weight", "conv1d.weight", "conv1d.bias", "x_proj.weight", "dt_proj.weight", "dt_proj.bias",
          "A_log", "D", "out_proj.weight")
 LAYER_MAP = {**{f"mixer.{k}": f"mixer.{k}" for k in MIXER}, "p.combine.linear.weight": "gate.weight"}
@@ -200,7 +170,7 @@ def layer_pair(d=16, inner=32):
 
     net = load("stdlib:rsmamba", model="RSMambaLayer", d=d, inner=inner)
     ref = RefRSMambaLayer(d, inner)
-    copy_into(ref, net, LAYER_MAP)
+    copy_parameters(ref, net, LAYER_MAP, reshape=True)
     return net, ref
 
 
@@ -239,8 +209,7 @@ def test_layer_train_step(monkeypatch):
     loss = out.square().mean()
     loss.backward()
     assert torch.isfinite(loss)
-    for name, p in net.named_parameters():
-        assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, name
+    assert_every_parameter_trained(net)
     assert h.grad is not None and torch.isfinite(h.grad).all()
 
 
@@ -250,7 +219,7 @@ def full_pair(small=SMALL):
     net = load("stdlib:rsmamba", d=small["d"], depth=small["depth"], inner=small["inner"],
                classes=small["classes"], size=small["img"])
     ref = RefRSMamba(**small)
-    copy_into(ref, net, model_map(small["depth"]))
+    copy_parameters(ref, net, model_map(small["depth"]), reshape=True)
     return net, ref
 
 
@@ -282,5 +251,4 @@ def test_model_train_step(monkeypatch):
     loss = F.cross_entropy(logits, labels)
     loss.backward()
     assert torch.isfinite(loss)
-    for name, p in net.named_parameters():
-        assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, name
+    assert_every_parameter_trained(net)
