@@ -8,18 +8,20 @@ module, `ops` and torch. Nothing here keeps hidden state between calls.
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence
+import os
+from typing import Any, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch._subclasses.fake_tensor import FakeTensor
 
 from . import ops
 from .ctor import recorded
 
 __all__ = [
     "TopKGate", "SoftGate", "HardGate", "Experts", "BranchRoute", "PathCombine", "ExitPoint", "ExitFinal",
-    "ScanLoop", "batch_dim", "token_shuffle", "token_unshuffle", "zeros_batch",
+    "ScanLoop", "LiveBound", "exit_policy", "exit_rows", "batch_dim", "token_shuffle", "token_unshuffle", "zeros_batch",
 ]
 
 
@@ -293,10 +295,132 @@ class PathCombine(nn.Module):
         return ops.gated_combine(stacked, weights)
 
 
-# Packed batches keep at least this many rows (the last survivor repeats): BLAS takes other kernels (other
-# summation orders) for very small matrices, so without the floor a sample's result would depend on how many
-# others left; duplicated rows compute identical values and write the same place.
+# ---------------------------------------------------------------------------------------------- exits
+#
+# Eval-mode exits run sync-free in eager mode. The rows of the batch an exit chain still computes are
+# described by one int64 state tensor [M] (M: the packed batch's static capacity): entry r >= 0 is original
+# row r, still running; entry -1 - r is original row r, which has left (or pads the packed batch). Each exit
+# writes the rows that leave into `out`/`index` with `ops.exit_merge` (masked by the running flags, so a row
+# that left is never written again), counts the rows that go on on the device, and picks the next capacity
+# from a host-side upper bound of that count that never waits for the device (`LiveBound`), bucketed by
+# `bucket_capacity`. When the bucket shrinks and the policy says packing pays (`should_compact`, or
+# ROUTEC_EXIT_POLICY), the batch is packed with `compact` + `gather_rows`; otherwise it runs masked: same
+# rows, only the running flags change. Rows past the live count are padding whose results are never written.
+# Under tracing (torch.compile, torch.export) a Python int bound cannot follow the data, so the traced form
+# packs with the opaque `pack_rows` op instead (an unbacked size: a graph without host reads in it).
+
+# Packed batches keep at least this many rows: BLAS takes other kernels (other summation orders) for very
+# small matrices, so without the floor a sample's result would depend on how many others left; padding rows
+# cost little and are never written back.
 MIN_PACKED_ROWS = 8
+# Capacity buckets per octave of the live bound (`bucket_capacity`): at most 1 + 1/4 padding, at most
+# 4 * log2(B) + 1 distinct packed shapes.
+EXIT_STEPS_PER_OCTAVE = 4
+EXIT_POLICIES = ("auto", "compact", "masked")
+# The attribute of an exit chain's state tensor that carries the chain's LiveBound to the next exit.
+LIVE_BOUND_ATTR = "_routec_live_bound"
+
+
+def exit_policy() -> str:
+    """`ROUTEC_EXIT_POLICY`: "auto" (default; pack where `should_compact` says a block on the packed rows
+    pays, else run masked), "compact" (always pack when the capacity bucket shrinks) or "masked" (never pack:
+    every row keeps running, the write-back is masked)."""
+    policy = os.environ.get("ROUTEC_EXIT_POLICY", "") or "auto"
+    if policy not in EXIT_POLICIES:
+        raise ValueError(f"ROUTEC_EXIT_POLICY must be one of {', '.join(EXIT_POLICIES)}, got {policy!r}")
+    return policy
+
+
+def tracing(*tensors: Tensor) -> bool:
+    """Whether the exits run under a tracer (torch.compile, torch.export, fx) rather than eagerly."""
+    if torch.compiler.is_compiling():
+        return True
+    return any(isinstance(t, (torch.fx.Proxy, FakeTensor)) for t in tensors)
+
+
+class LiveBound:
+    """A host-side upper bound of an exit chain's live row count that never waits for the device.
+
+    `push(count)` starts copying a device count (int64 [1]) to pinned host memory without blocking and
+    records an event; `get()` folds in every copy whose event has completed and returns the smallest count
+    seen (the first capacity until one has landed). Counts only shrink along a chain, so any landed count
+    bounds every later one. A CPU tensor is host memory already, written when the op that made it returned:
+    its value is the bound at once (there is no device to wait for). Other devices keep the first bound.
+    """
+
+    def __init__(self, first: int):
+        self.bound = first
+        self.pending: list[tuple[Any, Any]] = []  # (host view of the count, its event or None)
+
+    def push(self, count: Tensor) -> None:
+        if count.device.type == "cuda":
+            host = torch.empty(1, dtype=torch.int64, pin_memory=True)
+            host.copy_(count.reshape(1), non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+            self.pending.append((host.numpy(), event))
+        elif count.device.type == "cpu":
+            self.pending.append((count.detach().reshape(1).numpy(), None))
+
+    def get(self) -> int:
+        while self.pending and (self.pending[0][1] is None or self.pending[0][1].query()):
+            value, _ = self.pending.pop(0)
+            self.bound = min(self.bound, int(value[0]))
+        return self.bound
+
+
+def exit_rows(state: Tensor) -> tuple[Tensor, Tensor]:
+    """An exit chain's state int64 [M] -> (rows int64 [M]: the original row of each packed row, all
+    distinct; running bool [M]: whether that row is still in the batch)."""
+    running = state >= 0
+    return torch.where(running, state, -1 - state), running
+
+
+def _exit_state(rows: Tensor, running: Tensor, bound: LiveBound) -> Tensor:
+    state = torch.where(running, rows, -1 - rows)
+    setattr(state, LIVE_BOUND_ATTR, bound)
+    return state
+
+
+def _chain_bound(state: Tensor) -> LiveBound:
+    bound = getattr(state, LIVE_BOUND_ATTR, None)
+    return bound if isinstance(bound, LiveBound) else LiveBound(state.shape[0])
+
+
+def _next_capacity(bound: LiveBound, still: Tensor) -> int:
+    """Push the live count of `still` and bucket the newest landed bound (never above the current rows,
+    never below min(MIN_PACKED_ROWS, rows))."""
+    rows = still.shape[0]
+    bound.push(still.sum(dtype=torch.int64).reshape(1))
+    if rows == 0:
+        return 0
+    capacity = ops.bucket_capacity(min(bound.get(), rows), rows, steps_per_octave=EXIT_STEPS_PER_OCTAVE)
+    return max(capacity, min(MIN_PACKED_ROWS, rows))
+
+
+def _packing_pays(capacity: int, tensors: Sequence[Tensor], device: torch.device) -> bool:
+    """The compact-or-masked policy for a batch shrinking to `capacity` samples. "auto" asks
+    `should_compact` about the widest floating batch tensor: its last dim is the layer width, and each sample
+    is prod(middle dims) rows of it (tokens)."""
+    policy = exit_policy()
+    if policy != "auto":
+        return policy == "compact"
+    floating = [t for t in tensors if t.is_floating_point() and t.dim() >= 2]
+    if not floating:
+        return True
+    widest = max(floating, key=lambda t: t.numel())
+    return bool(ops.should_compact(capacity * math.prod(widest.shape[1:-1]), widest.shape[-1], device))
+
+
+def _pack(still: Tensor, rows: Tensor, capacity: int, tensors: Sequence[Tensor]) -> tuple[Tensor, Tensor, list]:
+    """Pack the running rows to `capacity` rows on the device: (rows, running, packed tensors). Floating
+    tensors go through `gather_rows` (zero padding), others through index_select of the permutation."""
+    perm, count = ops.compact(still)  # [M], [1]: kept rows first, in order
+    take = perm[:capacity]
+    running = torch.arange(capacity, device=still.device) < count  # [capacity]
+    packed = [ops.gather_rows(t, perm, count, capacity) if t.is_floating_point() else t.index_select(0, take)
+              for t in tensors]
+    return rows.index_select(0, take), running, packed
 
 
 @recorded
@@ -304,10 +428,12 @@ class ExitPoint(nn.Module):
     """An exit in the batch: decides which samples leave and, in eval mode, removes them from the batch.
 
     State tensors carried from exit to exit: `out` [N, C] (the selected outputs so far), `index` [N] (the
-    exit each sample took, -1 while running), `alive` [n] (original row of each live row). Returns the new
-    state, the head's rows of the survivors, and every live batch tensor packed the same way. In eval mode the
-    samples whose rule holds write their head output into `out` and leave: every live batch tensor is
-    packed to the survivors (compaction), so later layers run on fewer rows. In training nothing leaves.
+    exit each sample took, -1 while running), `alive` [M] (the chain's row state, see `exit_rows`: the
+    original row of each packed row and whether it still runs). Returns the new state, the head's rows and
+    every live batch tensor, packed the same way. In training nothing leaves. In eval the running rows whose
+    rule holds write their head output into `out` (`exit_merge`) and leave; when the capacity bucket of the
+    remaining rows shrinks and packing pays, the live batch tensors are packed to it (`compact` +
+    `gather_rows`), else they keep their rows and only the running flags change (masked). No host sync.
     """
 
     def __init__(self, position: int):
@@ -318,6 +444,22 @@ class ExitPoint(nn.Module):
                 *live: Tensor) -> tuple[Tensor, ...]:
         if self.training:
             return (out, index, alive, logits, *live)
+        if tracing(logits, alive):
+            return self._traced(logits, decision, out, index, alive, *live)
+        rows, running = exit_rows(alive)
+        leave = decision.reshape(-1).to(torch.bool) & running  # [M]
+        out, index = ops.exit_merge(out, index, logits, rows, leave, self.position)
+        still = running & ~leave
+        bound = _chain_bound(alive)
+        capacity = _next_capacity(bound, still)
+        if capacity < still.shape[0] and _packing_pays(capacity, (logits, *live), logits.device):
+            rows, still, (logits, *live) = _pack(still, rows, capacity, (logits, *live))
+        return (out, index, _exit_state(rows, still, bound), logits, *live)
+
+    def _traced(self, logits: Tensor, decision: Tensor, out: Tensor, index: Tensor, alive: Tensor,
+                *live: Tensor) -> tuple[Tensor, ...]:
+        """The traced form: the survivors packed exactly by `pack_rows` (an unbacked row count; padded by
+        repeating a survivor up to MIN_PACKED_ROWS, rows that write identical values)."""
         leave = decision.reshape(-1).to(torch.bool)
         out = out.index_put((alive,), torch.where(leave[:, None], logits.to(out.dtype), out[alive]))
         index = index.index_put((alive,), torch.where(leave, torch.full_like(alive, self.position), index[alive]))
@@ -327,7 +469,7 @@ class ExitPoint(nn.Module):
 
 @recorded
 class ExitFinal(nn.Module):
-    """After the last layer: in eval mode the survivors take the final output and exit index `position`."""
+    """After the last layer: in eval mode the running rows take the final output and exit index `position`."""
 
     def __init__(self, position: int):
         super().__init__()
@@ -336,9 +478,12 @@ class ExitFinal(nn.Module):
     def forward(self, logits: Tensor, out: Tensor, index: Tensor, alive: Tensor) -> tuple[Tensor, Tensor]:
         if self.training:
             return logits, index
-        out = out.index_put((alive,), logits.to(out.dtype))
-        index = index.index_put((alive,), torch.full_like(alive, self.position))
-        return out, index
+        if tracing(logits, alive):  # the traced chain's rows are all running
+            out = out.index_put((alive,), logits.to(out.dtype))
+            index = index.index_put((alive,), torch.full_like(alive, self.position))
+            return out, index
+        rows, running = exit_rows(alive)
+        return ops.exit_merge(out, index, logits, rows, running, self.position)
 
 
 @recorded
@@ -353,9 +498,10 @@ class ScanLoop(nn.Module):
     With an exit in the body (exit over time, DESIGN §4) three more outputs follow: per sample the head
     output of the first step whose rule holds (else the last step), that step's index, and the head at every
     step [B, T, C]. In eval mode samples that exit leave the batch: later steps run on the survivors only
-    (states, sequences and the `batched` captured tensors are packed), their final states and emits are
-    frozen at the exit step (emits are zero after it), and the every-step output holds the selected output
-    at every step. In training every sample runs every step.
+    (states, sequences and the `batched` captured tensors are packed, as the depth exits pack them: bucketed
+    capacities from a `LiveBound`, `compact` + `gather_rows`, or masked by the policy; no host sync), their
+    final states and emits are frozen at the exit step (emits are zero after it), and the every-step output
+    holds the selected output at every step. In training every sample runs every step.
     """
 
     def __init__(self, step, n_states: int, n_seqs: int, n_emits: int, reverse: bool = False,
@@ -370,6 +516,8 @@ class ScanLoop(nn.Module):
         seqs = args[self.n_states: self.n_states + self.n_seqs]
         captured = args[self.n_states + self.n_seqs:]
         if self.exit and not self.training:
+            if tracing(*seqs):
+                return self._compacted_traced(states, seqs, captured)
             return self._compacted(states, seqs, captured)
         length = seqs[0].size(1)
         steps = range(length - 1, -1, -1) if self.reverse else range(length)
@@ -397,6 +545,50 @@ class ScanLoop(nn.Module):
         return (*states, *stacked[:-2], selected, index, heads)
 
     def _compacted(self, states: list[Tensor], seqs: tuple, captured: tuple) -> tuple[Tensor, ...]:
+        """Eval with an exit over time, eager and sync-free: `rows` (original row of each packed row) and
+        `running` (still in the batch) describe the packed batch; every write-back is masked by `running`."""
+        n, length = seqs[0].size(0), seqs[0].size(1)
+        steps = list(range(length - 1, -1, -1) if self.reverse else range(length))
+        device = seqs[0].device
+        rows = torch.arange(n, device=device)  # [M]
+        running = torch.ones(n, dtype=torch.bool, device=device)  # [M]
+        bound = LiveBound(n)
+        final = [s.clone() for s in states]
+        emits: list[Optional[Tensor]] = [None] * self.n_emits
+        out: Optional[Tensor] = None
+        index = torch.full((n,), steps[-1], dtype=torch.int64, device=device)
+        live_captured = list(captured)
+        for step_no, t in enumerate(steps):
+            result = self._step(*states, *(s[rows, t] for s in seqs), *live_captured)
+            states = list(result[: self.n_states])
+            at_t = torch.full_like(rows, t)
+            for j, value in enumerate(result[self.n_states: self.n_states + self.n_emits]):
+                if emits[j] is None:
+                    emits[j] = value.new_zeros(n, length, *value.shape[1:])
+                old = emits[j][rows, at_t]
+                emits[j] = emits[j].index_put((rows, at_t), torch.where(_rows(running, value), value, old))
+            head, decision = result[-2], result[-1].reshape(-1).to(torch.bool)
+            if out is None:
+                out = head.new_zeros(n, *head.shape[1:])
+            leave = (decision if step_no < length - 1 else torch.ones_like(decision)) & running
+            out = out.index_put((rows,), torch.where(_rows(leave, head), head, out[rows]))
+            index = index.index_put((rows,), torch.where(leave, at_t, index[rows]))
+            final = [f.index_put((rows,), torch.where(_rows(leave, s), s, f[rows])) for f, s in zip(final, states)]
+            running = running & ~leave
+            if step_no == length - 1:
+                break
+            capacity = _next_capacity(bound, running)
+            travelling = [c for c, b in zip(live_captured, self.batched) if b]
+            if capacity < running.shape[0] and _packing_pays(capacity, (*states, *travelling), device):
+                rows, running, packed = _pack(running, rows, capacity, (*states, *travelling))
+                states, moved = packed[: len(states)], iter(packed[len(states):])
+                live_captured = [next(moved) if b else c for c, b in zip(live_captured, self.batched)]
+        assert out is not None
+        stacked = [e if e is not None else out.new_zeros(n, length) for e in emits]
+        return (*final, *stacked, out, index, out.unsqueeze(1).expand(n, length, *out.shape[1:]))
+
+    def _compacted_traced(self, states: list[Tensor], seqs: tuple, captured: tuple) -> tuple[Tensor, ...]:
+        """The traced form of `_compacted`: survivors packed exactly by `pack_rows` (an unbacked size)."""
         n, length = seqs[0].size(0), seqs[0].size(1)
         steps = list(range(length - 1, -1, -1) if self.reverse else range(length))
         alive = torch.arange(n, device=seqs[0].device)
