@@ -17,6 +17,7 @@ import torch.fx as fx
 from torch.fx.passes.shape_prop import ShapeProp
 
 from routec.codegen import multiscan as ms
+from routec.codegen.functions import expand_steps
 from routec.compiler.meta import ROUTE_SHAPE
 from routec.compiler.passes import multiroute as mr
 from routec.compiler.passes.fusion import verify
@@ -134,6 +135,31 @@ def test_head_of_four_routes_becomes_one_call(reference_backend):
     assert [(o.target, o.args[1]) for o in outputs] == [(operator.getitem, r) for r in range(4)]
     assert merged.meta[mr.MERGED] == [(4, 4)]
     _check_same(gm, merged, b.values, tol=0)  # the same arithmetic on the same values
+
+
+@pytest.mark.parametrize("broadcast", [False, True])
+def test_full_shape_expand_steps_wrappers_are_seen_through(reference_backend, broadcast):
+    # the scan lowering passes each coefficient through expand_steps(x, sizes); at x's own shape that is x,
+    # so a head's u stays shared (and the unused wrappers go), while a real broadcast is stacked
+    b = Builder(9)
+    L, D, N = 6, 2, 3
+    u = b.input("u", ("B", L, D))
+    sources = [u, u] + ([b.input("v", ("B", D))] if broadcast else [])  # v [B, D]: the same at every step
+    ys = []
+    for x in sources:
+        wrapped = b.graph.call_function(expand_steps, (x, [2, L, D]))
+        wrapped.meta[ROUTE_SHAPE] = ("B", L, D)
+        ys.append(b.s6(wrapped, L, D, N))
+    gm = b.module(ys)
+    merged, removed = _merged(gm)
+    assert removed == len(sources) - 1
+    shared = _calls(merged)[0].args[0]
+    if broadcast:
+        assert shared.target is torch.stack and [p.target for p in shared.args[0]] == ["u", "u", expand_steps]
+    else:
+        assert shared.op == "placeholder" and shared.target == "u"
+        assert not any(n.target is expand_steps for n in merged.graph.nodes)
+    _check_same(gm, merged, b.values)
 
 
 def test_heads_merge_with_each_other_and_keep_extras(reference_backend):

@@ -50,6 +50,7 @@ import torch.fx as fx
 from torch.fx.operator_schemas import normalize_function
 
 from ...codegen import multiscan as ms
+from ...codegen.functions import expand_steps
 from ..meta import ROUTE_SHAPE, ROUTE_SPAN, ROUTE_STMT
 from .batch_calls import node_shape
 from .fusion import _topological_order
@@ -121,6 +122,18 @@ def _route_count(routes: fx.Node) -> Optional[int]:
     return None
 
 
+def _source(node: fx.Node) -> fx.Node:
+    """`node`, or the tensor it only re-views: the scan lowering wraps every coefficient in
+    `expand_steps(x, sizes)`, which is x itself when x already has the recorded shape of the result."""
+    while node.op == "call_function" and node.target is expand_steps and isinstance(node.args[0], fx.Node):
+        inner = node.args[0]
+        shape = node_shape(node)
+        if shape is None or node_shape(inner) != shape:
+            break
+        node = inner
+    return node
+
+
 def _dtype(node: fx.Node) -> Optional[torch.dtype]:
     for key in ("val", "example_value"):
         value = node.meta.get(key)
@@ -158,6 +171,8 @@ def call_of(node: fx.Node) -> Optional[Call]:
         if x is None:
             tensors[name] = None
             continue
+        if isinstance(x, fx.Node):
+            x = _source(x)
         shape = node_shape(x) if isinstance(x, fx.Node) else None
         if shape is None or len(shape) not in (rank, rank + 1) or not all(_known(d) for d in shape):
             return None
@@ -275,8 +290,12 @@ def _merge(gm: fx.GraphModule, group: list[Call]) -> None:
         piece.meta.update(c.node.meta)
         c.node.replace_all_uses_with(piece)
         offset += c.count
+    views = [a for c in group for a in c.node.all_input_nodes if a.target is expand_steps]
     for c in group:
         graph.erase_node(c.node)
+    for view in dict.fromkeys(views):  # the wrappers `_source` looked through, now unused
+        if not view.users:
+            graph.erase_node(view)
     gm.meta[MERGED] = gm.meta.get(MERGED, []) + [(len(group), total)]
     _topological_order(graph)
 
