@@ -3,7 +3,10 @@
     exit_scores(logits, *, rule)                          -> score [N]
         confidence: max_c softmax(logits)[c];  entropy: -Σ_c p_c log p_c
     linear_exit(x, weight, bias, *, rule, threshold)      -> (logits [N, C], score [N], exit_mask [N])
-        logits = x @ weight.T + bias; exit where score >= threshold (confidence) or <= threshold (entropy)
+        logits = x @ weight.T + bias; exit where score >= threshold (confidence) or <= threshold (entropy),
+        the score as returned (dtype of the logits) against the threshold rounded to that dtype: exactly
+        what `Linear(d, C)` then `confidence(head) >= t` / `entropy(head) <= t` compute in a .route spec
+        (the compiler lowers that pattern to this op; `>` and `<` are not this op's rule)
     select_first_exit(logits_stack, masks)                -> (out [N, C], index [N])
         per sample, the output of the first exit whose mask holds, else the last; and that exit's index
 
@@ -100,16 +103,34 @@ def exit_scores_reference(logits: Tensor, *, rule: str = "confidence") -> Tensor
 
 
 def _decide(score: Tensor, rule: str, threshold: float) -> Tensor:
+    """The rule on the score as returned: PyTorch compares a tensor with a Python number in the tensor's
+    dtype, so the threshold is rounded to the score's dtype first."""
     return score >= threshold if rule == "confidence" else score <= threshold
+
+
+def _rule_score(logits: Tensor, rule: str) -> Tensor:
+    """The rule's score as `confidence(head)` / `entropy(head)` of a .route spec compute it (routec.codegen
+    .functions): softmax in fp32 or wider, max probability or −Σ p log p with p = 0 terms dropped, rounded to
+    the logits' dtype."""
+    work = logits if logits.dtype == torch.float64 else logits.float()
+    if rule == "confidence":
+        score = torch.softmax(work, dim=-1).amax(dim=-1)
+    else:
+        logp = torch.log_softmax(work, dim=-1)
+        p = logp.exp()
+        score = -torch.where(p > 0, p * logp, torch.zeros_like(p)).sum(dim=-1)
+    return score.to(logits.dtype)
 
 
 def linear_exit_reference(
     x: Tensor, weight: Tensor, bias: Optional[Tensor], *, rule: str = "confidence", threshold: float = 0.9
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """The exit head (a linear layer) and its halting rule, unfused."""
+    """The exit head (a linear layer) and its halting rule, unfused: exactly `logits = Linear(x)`,
+    `score = confidence(logits)` (or `entropy`), `exit = score >= threshold` (or `<=`) as a spec writes them."""
+    _check_rule(rule)
     logits = F.linear(x, weight, bias)  # [N, C]
-    score = exit_scores_reference(logits.float() if logits.dtype != torch.float64 else logits, rule=rule)
-    return logits, score.to(logits.dtype), _decide(score, rule, threshold)
+    score = _rule_score(logits, rule)  # [N], dtype of the logits
+    return logits, score, _decide(score, rule, threshold)
 
 
 def select_first_exit_reference(logits_stack: Tensor, masks: Tensor) -> tuple[Tensor, Tensor]:
@@ -264,11 +285,15 @@ def _linear_exit_kernel(
     if ENTROPY:
         s = tl.sum(e * tl.where(e > 0, lg - m[:, None], 0.0), axis=1)
         score = tl.log(z) - s / z
-        leave = score <= threshold
     else:
         score = 1.0 / z
-        leave = score >= threshold
-    tl.store(score_ptr + rows64, score.to(score_ptr.dtype.element_ty), mask=row_ok)
+    # The decision is on the score as stored; the launcher rounded the threshold to that dtype too.
+    stored = score.to(score_ptr.dtype.element_ty)
+    if ENTROPY:
+        leave = stored.to(tl.float32) <= threshold
+    else:
+        leave = stored.to(tl.float32) >= threshold
+    tl.store(score_ptr + rows64, stored, mask=row_ok)
     tl.store(exit_ptr + rows64, leave.to(tl.uint8), mask=row_ok)
 
 
@@ -424,6 +449,12 @@ def exit_scores_backward(logits: Tensor, dscore: Tensor, rule: str, *, out: Tens
     return dlogits
 
 
+def _rounded(threshold: float, dtype: torch.dtype) -> float:
+    """The threshold as PyTorch compares it with a `dtype` score: rounded to that dtype (exact in fp32 for
+    fp32/bf16/fp16, the kernel's comparison type)."""
+    return float(torch.tensor(float(threshold), dtype=dtype if dtype != torch.float64 else torch.float32))
+
+
 def linear_exit_forward(
     x: Tensor,
     weight: Tensor,
@@ -462,7 +493,7 @@ def linear_exit_forward(
         n,
         c,
         k,
-        float(threshold),
+        _rounded(threshold, dtype),
         HAS_BIAS=bias is not None,
         ENTROPY=rule == "entropy",
         PRECISION="ieee" if dtype == torch.float32 else "tf32",
