@@ -224,7 +224,8 @@ def _stacked(graph: fx.Graph, parts: list[fx.Node]) -> Optional[fx.Node]:
     return source if isinstance(source, fx.Node) else None
 
 
-def _merge(gm: fx.GraphModule, group: list[fx.Node]) -> None:
+def _merge(gm: fx.GraphModule, group: list[fx.Node]) -> list[fx.Node]:
+    """Replace `group` by one call; returns the nodes made (some may end up unused, see `batch_graph`)."""
     graph = gm.graph
     order = {n: i for i, n in enumerate(graph.nodes)}
     first = group[0]
@@ -273,17 +274,22 @@ def _merge(gm: fx.GraphModule, group: list[fx.Node]) -> None:
     for call in group:
         graph.erase_node(call)
     _topological_order(graph)
+    return made
 
 
 def batch_graph(gm: fx.GraphModule) -> int:
     """Merge every mergeable group of `gm`, in place; returns how many calls were removed."""
     removed = 0
+    made: list[fx.Node] = []
     while True:
         groups = find_groups(gm)
         if not groups:
             break
-        _merge(gm, groups[0])  # one at a time: a merge adds dependencies the next check must see
+        made += _merge(gm, groups[0])  # one at a time: a merge adds dependencies the next check must see
         removed += len(groups[0]) - 1
+    for node in reversed(made):  # splits whose pieces a later merge took whole, and their sizes
+        if not node.users and node.op == "call_function":
+            gm.graph.erase_node(node)
     if removed:
         gm.graph.lint()
         gm.recompile()
