@@ -39,7 +39,7 @@ The module computes the same values as before, up to the rounding of GEMMs on a 
 from __future__ import annotations
 
 import operator
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import torch
 import torch.fx as fx
@@ -84,7 +84,8 @@ TUPLE_OUTPUTS: dict[type, int] = {nn.LSTMCell: 2, L.LSTMCell: 2}
 
 def _norm_rank(m: nn.Module) -> Optional[int]:
     if type(m) in (nn.LayerNorm, nn.RMSNorm):
-        return len(tuple(m.normalized_shape)) + 1
+        shape = m.normalized_shape
+        return (len(shape) if isinstance(shape, (tuple, list)) else 1) + 1
     return None
 
 
@@ -237,9 +238,10 @@ def _merge(gm: fx.GraphModule, group: list[fx.Node]) -> list[fx.Node]:
 
     made: list[fx.Node] = []
 
-    def make(fn: Callable[[], fx.Node]) -> fx.Node:
+    def make(op: str, target: Any, args: tuple, kwargs: Optional[dict] = None) -> fx.Node:
+        """A new node after the last one made (the first right after `anchor`)."""
         with graph.inserting_after(made[-1] if made else anchor):
-            node = fn()
+            node = graph.create_node(op, target, args, kwargs or {})
         node.meta.update(keep)
         made.append(node)
         return node
@@ -250,21 +252,20 @@ def _merge(gm: fx.GraphModule, group: list[fx.Node]) -> list[fx.Node]:
         assert all(isinstance(p, fx.Node) for p in parts)
         whole = _stacked(graph, parts)  # type: ignore[arg-type]
         if whole is None:
-            whole = make(lambda: graph.call_function(torch.cat, (parts,), {"dim": 0}))
+            whole = make("call_function", torch.cat, (parts,), {"dim": 0})
         args.append(whole)
-    merged = make(lambda: graph.call_module(first.target, tuple(args)))
-    sizes = [make(lambda c=call: graph.call_function(batch_dim, (c.args[0], 0))) for call in group]
+    merged = make("call_module", first.target, tuple(args))
+    sizes = [make("call_function", batch_dim, (call.args[0], 0)) for call in group]
     outputs = TUPLE_OUTPUTS.get(type(module))
     wholes = [merged] if outputs is None else [
-        make(lambda j=j: graph.call_function(operator.getitem, (merged, j))) for j in range(outputs)]
+        make("call_function", operator.getitem, (merged, j)) for j in range(outputs)]
     for j, whole in enumerate(wholes):
-        split = make(lambda: graph.call_function(torch.split, (whole, sizes), {"dim": 0}))
+        split = make("call_function", torch.split, (whole, sizes), {"dim": 0})
         split.meta[SPLIT_META] = len(group)
         for i, call in enumerate(group):
-            piece = make(lambda: graph.call_function(operator.getitem, (split, i)))
-            old = call if outputs is None else None
-            if old is not None:
-                piece.meta.update(old.meta)
+            piece = make("call_function", operator.getitem, (split, i))
+            if outputs is None:
+                piece.meta.update(call.meta)
                 call.replace_all_uses_with(piece)
                 continue
             for user in [u for u in call.users if u.args[1] == j]:
