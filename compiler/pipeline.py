@@ -6,6 +6,9 @@
 | elaborate | `compiler.build.elaborate`       | names resolved, parameters bound, shapes checked, blocks |
 |           |                                  | and repeats expanded, modules built, fx graph emitted    |
 | fx        | `compiler.build.finish`          | the linted `torch.fx.GraphModule` (dead code removed)    |
+| (batch)   | `passes.batch_calls.batch_module`| independent calls of one shared per-sample module run as |
+|           |                                  | one call on the stacked batch (every compile; shown by   |
+|           |                                  | `--dump-after fx`)                                       |
 | fuse      | `compiler.passes.fuse_module`    | elementwise regions replaced by generated Triton kernels |
 |           |                                  | (when kernels run as Triton; `compile_source(fuse=…)`)   |
 | code      | `GraphModule.code`               | the Python `forward` the graph runs                      |
