@@ -714,7 +714,7 @@ class Elaborator:
             if p.variadic:
                 break
         for k in e.kwargs:
-            spans[k.name] = k.value.span
+            spans[k.name] = k.span  # `max=0`: the whole keyword argument
         return spans
 
     def apply_func(self, defn: FuncDef, args: list, kwargs: dict, span: Span, scope: Optional[Scope] = None,

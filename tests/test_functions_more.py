@@ -297,10 +297,13 @@ def test_errors_point_at_the_argument():
     assert diag.span.col == line.index("4") + 1
     line = "    out clamp(x, max=-1, min=1)\n"
     diag = error_of(head + line + "}\n")
-    assert diag.span.col == line.index("-1") + 1 and "needs min ≤ max" in diag.message
+    assert diag.span.col == line.index("max=") + 1 and "needs min ≤ max" in diag.message
     line = "    out x -> leaky_relu(slope=\"x\")\n"
     diag = error_of(head + line + "}\n")
-    assert diag.span.col == line.index('"x"') + 1 and diag.code == "R110"
+    assert diag.span.col == line.index("slope=") + 1 and diag.code == "R110"
+    line = "    out x -> var(0, keepdims=true)\n"
+    diag = error_of(head + line + "}\n")
+    assert diag.span.col == line.index("keepdims") + 1 and "did you mean `keepdim`?" in diag.message
     # a message about no single argument points at the call
     line = "    out x -> clamp()\n"
     diag = error_of(head + line + "}\n")

@@ -178,9 +178,9 @@ def bind_args(defn: Definition, args: Sequence[Any], kwargs: dict[str, Any]) -> 
 
     for key, value in kwargs.items():
         if key not in params:
-            errors.append(_unknown_argument(name, key, list(params)))
+            errors.append(ArgMessage(_unknown_argument(name, key, list(params)), key))
         elif key in bound:
-            errors.append(f"`{name}` got argument `{key}` twice, by position and by name")
+            errors.append(ArgMessage(f"`{name}` got argument `{key}` twice, by position and by name", key))
         else:
             bound[key] = value
 
