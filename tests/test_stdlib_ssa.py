@@ -13,6 +13,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from stdlib_refs import assert_every_parameter_trained, copy_parameters, record_randperm
+from stdlib_refs import reference_backend  # noqa: F401  (autouse: ROUTEC_BACKEND=reference)
+
 SMALL = dict(size=8, patch=2, d=16, depth=2, heads=2, mlp=4, classes=5, k=4)
 TOKENS = (SMALL["size"] // SMALL["patch"]) ** 2
 
@@ -81,24 +84,10 @@ def name_map(depth):
     return m
 
 
-@pytest.fixture(autouse=True)
-def reference_backend(monkeypatch):
-    monkeypatch.setenv("ROUTEC_BACKEND", "reference")
-
-
 @pytest.fixture
 def drawn(monkeypatch):
     """Every permutation routec draws (torch.randperm wrapped)."""
-    record = []
-    real = torch.randperm
-
-    def spy(*args, **kwargs):
-        perm = real(*args, **kwargs)
-        record.append(perm.clone())
-        return perm
-
-    monkeypatch.setattr(torch, "randperm", spy)
-    return record
+    return record_randperm(monkeypatch)
 
 
 def pair(**over):
@@ -107,13 +96,7 @@ def pair(**over):
     params = {**SMALL, **over}
     net = load("stdlib:ssa", **params)
     ref = RefSSAViT(**{k: v for k, v in params.items() if k not in ("ssa", "ensemble")})
-    names = name_map(params["depth"])
-    src, dst = dict(net.named_parameters()), dict(ref.named_parameters())
-    assert sorted(src) == sorted(names), sorted(set(src) ^ set(names))
-    assert sorted(dst) == sorted(names.values()), sorted(set(dst) ^ set(names.values()))
-    with torch.no_grad():
-        for ours, theirs in names.items():
-            dst[theirs].copy_(src[ours])
+    copy_parameters(ref, net, name_map(params["depth"]))
     return net, ref
 
 
@@ -185,8 +168,7 @@ def test_ssa_train_step(drawn):
     loss = F.cross_entropy(logits, labels)
     loss.backward()
     assert torch.isfinite(loss)
-    for name, p in net.named_parameters():
-        assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, name
+    assert_every_parameter_trained(net)
 
 
 def test_sub_model_ensemble_averages_independent_pathway_samples(drawn):
