@@ -16,6 +16,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from stdlib_refs import assert_every_parameter_trained, copy_parameters
+from stdlib_refs import reference_backend  # noqa: F401  (autouse: ROUTEC_BACKEND=reference)
+
 SMALL = dict(vocab=11, d=16, depth=2, heads=2, n=4, mlp=4)
 MIXERS = ["linattn", "s6", "rglru", "softmax"]
 
@@ -152,23 +155,12 @@ def name_map(mixer, depth):
     return m
 
 
-@pytest.fixture(autouse=True)
-def reference_backend(monkeypatch):
-    monkeypatch.setenv("ROUTEC_BACKEND", "reference")
-
-
 def pair(mixer, small=SMALL):
     from routec.compiler import load
 
     net = load("stdlib:dsf", mixer=mixer, **small)
     ref = RefLM(mixer=mixer, **small)
-    names = name_map(mixer, small["depth"])
-    src, dst = dict(net.named_parameters()), dict(ref.named_parameters())
-    assert sorted(src) == sorted(names), sorted(set(src) ^ set(names))
-    assert sorted(dst) == sorted(names.values()), sorted(set(dst) ^ set(names.values()))
-    with torch.no_grad():
-        for ours, theirs in names.items():
-            dst[theirs].copy_(src[ours])
+    copy_parameters(ref, net, name_map(mixer, small["depth"]))
     return net, ref
 
 
@@ -233,5 +225,4 @@ def test_model_train_step(mixer):
     loss = F.cross_entropy(logits[:, :-1].reshape(-1, SMALL["vocab"]), ids[:, 1:].reshape(-1))
     loss.backward()
     assert torch.isfinite(loss)
-    for name, p in net.named_parameters():
-        assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, name
+    assert_every_parameter_trained(net)
