@@ -12,6 +12,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from stdlib_refs import copy_parameters
+from stdlib_refs import reference_backend  # noqa: F401  (autouse: ROUTEC_BACKEND=reference)
+
 SMALL = dict(vocab=23, d=16, depth=4, inner=32, state=4, exit_from=1)
 KINDS = ["linear", "ffn", "mamba"]
 
@@ -133,23 +136,12 @@ def name_map(depth, exit_from, kind):
     return m
 
 
-@pytest.fixture(autouse=True)
-def reference_backend(monkeypatch):
-    monkeypatch.setenv("ROUTEC_BACKEND", "reference")
-
-
 def pair(kind, tau):
     from routec.compiler import load
 
     net = load("stdlib:dynamax", clf=kind, tau=tau, **SMALL)
     ref = RefDynamax(clf=kind, **SMALL)
-    names = name_map(SMALL["depth"], SMALL["exit_from"], kind)
-    src, dst = dict(net.named_parameters()), dict(ref.named_parameters())
-    assert sorted(src) == sorted(names), sorted(set(src) ^ set(names))
-    assert sorted(dst) == sorted(names.values()), sorted(set(dst) ^ set(names.values()))
-    with torch.no_grad():
-        for ours, theirs in names.items():
-            dst[theirs].copy_(src[ours])
+    copy_parameters(ref, net, name_map(SMALL["depth"], SMALL["exit_from"], kind))
     return net, ref
 
 
