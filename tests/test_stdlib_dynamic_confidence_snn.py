@@ -15,6 +15,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from stdlib_refs import copy_parameters
+from stdlib_refs import reference_backend  # noqa: F401  (autouse: ROUTEC_BACKEND=reference)
+
 SMALL = dict(width=4, classes=3, size=8, steps=6)
 
 
@@ -102,11 +105,6 @@ def test_reference_if_neuron_matches_a_scalar_loop():
         torch.testing.assert_close(total, want)
 
 
-@pytest.fixture(autouse=True)
-def reference_backend(monkeypatch):
-    monkeypatch.setenv("ROUTEC_BACKEND", "reference")
-
-
 def name_map() -> dict:
     names = {
         "conv2d.weight": "conv1.weight",
@@ -131,16 +129,6 @@ def name_map() -> dict:
     return names
 
 
-def copy_into(ref: nn.Module, net: nn.Module, names: dict) -> None:
-    src, dst = dict(net.named_parameters()), dict(ref.named_parameters())
-    assert sorted(src) == sorted(names), f"unmapped routec parameters: {sorted(set(src) ^ set(names))}"
-    assert sorted(dst) == sorted(names.values()), (
-        f"unmapped reference parameters: {sorted(set(dst) ^ set(names.values()))}")
-    with torch.no_grad():
-        for theirs, ours in names.items():
-            dst[ours].copy_(src[theirs])
-
-
 def pair(temperature: float, threshold: float, seed: int):
     """Both networks with the same weights; per-layer thresholds spread around 1 so layers differ."""
     from routec.compiler import load
@@ -154,7 +142,7 @@ def pair(temperature: float, threshold: float, seed: int):
             elif "conv2d.weight" in name:
                 p.mul_(3.0)  # enough input current that every layer spikes
     ref = RefSNN(**SMALL)
-    copy_into(ref, net, name_map())
+    copy_parameters(ref, net, name_map())
     return net, ref
 
 
