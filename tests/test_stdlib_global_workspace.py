@@ -9,6 +9,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from stdlib_refs import assert_every_parameter_trained, copy_parameters
+from stdlib_refs import reference_backend  # noqa: F401  (autouse: ROUTEC_BACKEND=reference)
+
 SMALL = dict(digits=10, classes=19, dw=8, n=12, n_in=1, hidden=16)
 
 
@@ -64,22 +67,12 @@ def full_names(net):
     return out
 
 
-@pytest.fixture(autouse=True)
-def reference_backend(monkeypatch):
-    monkeypatch.setenv("ROUTEC_BACKEND", "reference")
-
-
 def pair():
     from routec.compiler import load
 
     net = load("stdlib:global_workspace", **SMALL)
     ref = RefGW(**SMALL)
-    names = full_names(net)
-    dst = dict(ref.named_parameters())
-    assert sorted(dst) == sorted(names.values()), sorted(set(dst) ^ set(names.values()))
-    with torch.no_grad():
-        for ours, p in net.named_parameters():
-            dst[names[ours]].copy_(p)
+    copy_parameters(ref, net, full_names(net))
     return net, ref
 
 
@@ -144,5 +137,4 @@ def test_model_train_step():
     loss = F.cross_entropy(out.answer, target)
     loss.backward()
     assert torch.isfinite(loss)
-    for name, p in net.named_parameters():
-        assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, name
+    assert_every_parameter_trained(net)
