@@ -14,6 +14,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from stdlib_refs import assert_every_parameter_trained, copy_parameters
+from stdlib_refs import reference_backend  # noqa: F401  (autouse: ROUTEC_BACKEND=reference)
+
 SMALL = dict(dp=6, db=4, n=8, heads=1)
 
 
@@ -82,25 +85,16 @@ NAMES = {
 }
 
 
-@pytest.fixture(autouse=True)
-def reference_backend(monkeypatch):
-    monkeypatch.setenv("ROUTEC_BACKEND", "reference")
-
-
 def pair():
     from routec.compiler import load
 
     net = load("stdlib:ptd", **SMALL)
     ref = RefPTD(**SMALL)
-    dst = dict(ref.named_parameters())
     mapped = {}
     for name, _ in net.named_parameters():
         prefix, leaf = name.rsplit(".", 1)
         mapped[name] = f"{NAMES[prefix]}.{leaf}"
-    assert sorted(dst) == sorted(mapped.values()), sorted(set(dst) ^ set(mapped.values()))
-    with torch.no_grad():
-        for ours, p in net.named_parameters():
-            dst[mapped[ours]].copy_(p)
+    copy_parameters(ref, net, mapped)
     return net, ref
 
 
@@ -183,5 +177,4 @@ def test_train_step():
     loss = F.mse_loss(out.poses[:, :-1], humans[:, 1:])  # one-step-ahead forecast
     loss.backward()
     assert torch.isfinite(loss)
-    for name, p in net.named_parameters():
-        assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, name
+    assert_every_parameter_trained(net)
