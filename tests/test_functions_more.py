@@ -304,6 +304,9 @@ def test_errors_point_at_the_argument():
     line = "    out x -> var(0, keepdims=true)\n"
     diag = error_of(head + line + "}\n")
     assert diag.span.col == line.index("keepdims") + 1 and "did you mean `keepdim`?" in diag.message
+    line = "    out clamp(x, min=x)\n"
+    diag = error_of(head + line + "}\n")
+    assert diag.message == "`clamp` argument `min` must be float, got a tensor [B, T, 8]"
     # a message about no single argument points at the call
     line = "    out x -> clamp()\n"
     diag = error_of(head + line + "}\n")

@@ -249,7 +249,9 @@ def _type_words(p: Param) -> str:
 
 
 def describe(value: Any) -> str:
-    """A value as the user wrote it, with its type: `float 2.5`, `str "abc"`, `bool true`."""
+    """A value as the user wrote it, with its type: `float 2.5`, `str "abc"`, `bool true`, `a tensor [B, 8]`."""
+    if callable(getattr(value, "describe", None)):  # the compiler's values (a tensor) say what they are
+        return str(value.describe())
     if isinstance(value, (list, tuple)) and value and all(_is_int(v) for v in value):
         return f"list {render_value(value)}"
     kind = {bool: "bool", int: "int", float: "float", str: "str", list: "list", tuple: "list"}.get(
