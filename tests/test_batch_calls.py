@@ -86,7 +86,7 @@ def test_rsmamba_merges_the_three_mixer_calls_and_is_exact():
     assert count_calls(plain.graph_module, "pre_norm") == count_calls(merged.graph_module, "pre_norm") == 2
     cats = [n for n in merged.graph.nodes if n.target is torch.cat]
     assert len(cats) == 2 and all(len(n.args[0]) == 3 for n in cats)
-    img = torch.randn(3, 3, RSMAMBA["size"], RSMAMBA["size"])
+    img = torch.randn(2, 3, RSMAMBA["size"], RSMAMBA["size"])
     assert_same(plain, merged, [img])
 
 
@@ -120,6 +120,17 @@ def test_selective_example_merges_and_is_exact():
     assert mixer_calls(merged, 2, name) == [1, 1]
     x = torch.randn(2, 5, SELECTIVE["d"])
     assert_same(plain, merged, [x])
+
+
+def test_paths_example_merges_and_is_exact():
+    """examples/paths.route shares a CausalConv1d between two paths, next to a gumbel gate and sampled
+    paths in training: the merge keeps every random draw where it was."""
+    path = ROOT / "examples" / "paths.route"
+    plain, merged = pair(path.read_text(), str(path), d=8, depth=2)
+    name = "layers.{}.multiview.mixer"
+    assert mixer_calls(plain, 2, name) == [2, 2]
+    assert mixer_calls(merged, 2, name) == [1, 1]
+    assert_same(plain, merged, [torch.randn(3, 5, 8)])
 
 
 def test_launches_per_forward_drop_for_rsmamba():

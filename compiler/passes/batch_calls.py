@@ -59,7 +59,7 @@ Shape = tuple
 # with the smallest input rank at which dim 0 is the batch (below it an unbatched input's dim 0 is
 # something else: features of a Linear, channels of a Conv1d, tokens of an attention).
 LEAVES: dict[type, int] = {
-    nn.Linear: 2, nn.Bilinear: 2, nn.Identity: 1, nn.Embedding: 1, nn.Flatten: 2, nn.Unflatten: 2,
+    nn.Linear: 2, nn.Bilinear: 2, nn.Identity: 1, nn.Embedding: 1,
     nn.GELU: 1, nn.SiLU: 1, nn.ReLU: 1, nn.Tanh: 1, nn.Sigmoid: 1, nn.Softplus: 1, nn.Mish: 1,
     nn.LeakyReLU: 1, nn.ELU: 1, nn.Hardswish: 1, nn.Hardsigmoid: 1,
     nn.Conv1d: 3, nn.Conv2d: 4, nn.Conv3d: 5, L.Conv1d: 3, L.CausalConv1d: 3,
