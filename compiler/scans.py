@@ -6,21 +6,33 @@ A scan body is matched against the recurrences routec has fused kernels for:
   at once (per-step expressions of `x.t` are evaluated on the whole sequence `x`);
 * leaky-τ: `h = h + (act(L(h) + u) - h) / tau` with `L` a Linear layer and `u` free of `h`  →
   `ops.leaky_rnn_scan` (the recurrent weight stays on chip);
+* selective (Mamba S6): `h = exp(unsqueeze(dt, -1) * A) * h + unsqueeze(dt * u, -1) * unsqueeze(Bm, 1)` with
+  `emit y = sum(h * unsqueeze(Cm, 1), -1)` (`+ D * u`), zero init  →  `ops.selective_scan` (one call for all
+  such emits), or `ops.multi_route_selective_scan` with `order <permutation>`;
+* integrate-and-fire: `u = beta * v + x.t; s = theta * (u >= theta); v = u - s` (or `u * (1 - s)`), `emit … = s`
+  →  `lif.threshold_scan` on `ops.lif_scan` with no surrogate gradient (the comparison's own derivative);
+* `h = a * h + b` with `order <permutation>` and zero init  →  `ops.multi_route_linear_scan` (R = 1);
 * anything else runs as a `ScanLoop` over a step graph (the reference semantics of every scan).
+
+Matching works on the body with its locals inlined (`flatten_body`): every state update and emit becomes one
+expression of the previous step's states, so `dt_t = delta.t; …; h = …dt_t…` matches like `h = …delta.t…`.
+A body that does not match exactly runs as a step loop. ROUTEC_SCAN_FUSION=0 forces the step loop for every
+scan (tests compare both lowerings of the same spec).
 
 After the scan, each state name holds the stacked states [B, T, …] and each `emit` its stacked outputs.
 """
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, NamedTuple, Optional
 
 import operator
+import os
 
 import torch
 import torch.fx as fx
 
-from ..codegen import ops, runtime
+from ..codegen import lif, ops, runtime
 from ..codegen.functions import expand_steps as _expand
 from ..codegen.functions import full_like_last as _full_like_last
 from ..codegen.functions import linear_scan_nd
@@ -102,11 +114,12 @@ def lower_scan(el: Elaborator, s: ast.Scan, scope: Scope) -> None:
                          "tensor [T] of the token positions", s.order.span)
             perm = value
     prefix = join(scope.prefix, s.states[0])
+    fusion = os.environ.get("ROUTEC_SCAN_FUSION", "1") != "0"
     total: Optional[dict[str, Tensor]] = None
     for reverse in directions:
         results = None
-        if perm is None:
-            results = try_fused(el, s, scope, over.tensor, inits, reverse, prefix)
+        if fusion:
+            results = try_fused(el, s, scope, over.tensor, inits, reverse, prefix, perm)
         if results is None:
             results = step_loop(el, s, scope, over.tensor, inits, reverse, prefix, perm)
         if total is None:
@@ -126,26 +139,35 @@ def body_scope(scope: Scope, prefix: str) -> Scope:
 
 
 def try_fused(el: Elaborator, s: ast.Scan, scope: Scope, seq: Tensor, inits: list[Tensor],
-              reverse: bool, prefix: str) -> Optional[dict[str, Tensor]]:
-    """Lower a recognised single-state recurrence (plus `emit y = h`) to its fused op, or return None."""
+              reverse: bool, prefix: str, perm: Optional[Tensor] = None) -> Optional[dict[str, Tensor]]:
+    """Lower a recognised single-state recurrence to its fused op, or return None (then: a step loop)."""
     if reads_whole_sequence(s, scope, seq):
         return None  # the step loop gives it the step semantics (usually a state shape error)
-    cell = match_cell(s)
+    cell = match_cell(s) if perm is None else None
     if cell is not None and not reverse:
         return lower_cell(el, s, scope, seq, inits, prefix, *cell)
     if len(s.states) != 1:
         return None
     h = s.states[0]
-    updates = [b for b in s.body if isinstance(b, ast.Assign)]
-    emits = [b for b in s.body if isinstance(b, ast.Emit)]
-    if len(updates) != 1 or len(updates) + len(emits) != len(s.body) or len(updates[0].targets) != 1 \
-            or updates[0].targets[0].id != h or s.body.index(updates[0]) != 0:
+    flat = flatten_body(s)
+    if flat is None or h not in flat.updates:
         return None
-    if not all(isinstance(e.value, ast.Name) and e.value.id == h for e in emits):
+    update, expr = flat.updates[h]
+    el.stmt_span, el.stmt_text = update.span, el.source_line(update.span)
+    selective = match_selective(expr, flat.emits, h)
+    if selective is not None:
+        return lower_selective(el, s, scope, seq, inits[0], reverse, prefix, perm, selective)
+    spiking = match_spiking(expr, flat.emits, h)
+    if spiking is not None:
+        if perm is not None or reverse:
+            return None
+        return lower_spiking(el, scope, seq, h, inits[0], prefix, spiking)
+    if not all(same(e, expr) for _, e in flat.emits):  # only `emit y = h` (the new state) below
         return None
+    emits = [e for e, _ in flat.emits]
     h0 = inits[0]
-    expr = updates[0].value
-    el.stmt_span, el.stmt_text = updates[0].span, el.source_line(updates[0].span)
+    if perm is not None:
+        return lower_routed_linear(el, scope, seq, h0, reverse, prefix, perm, expr, h, emits)
     full = seq.shape[:2] + tuple(h0.shape[1:])
     frame = ScanFrame("full")
     el.scan_frames.append(frame)
@@ -169,6 +191,528 @@ def try_fused(el: Elaborator, s: ast.Scan, scope: Scope, seq: Tensor, inits: lis
         return None
     el.stats.append(("scan", h, node))
     last = el.call_function(operator.getitem, (node, (slice(None), 0 if reverse else -1)))
+    out = {h: Tensor(last, h0.shape)}
+    for e in emits:
+        out[e.name] = Tensor(node, full)
+    return out
+
+
+# ---------------------------------------------------------------- body flattening
+
+
+class FlatBody(NamedTuple):
+    """A scan body with its locals inlined: each state's new value and each emit as one expression in which
+    state names are the previous step's states (an emit after an update reads the update's expression)."""
+
+    updates: dict[str, tuple[ast.Assign, ast.Expr]]
+    emits: list[tuple[ast.Emit, ast.Expr]]
+
+
+# calls that give a different value each time they run: a local using them is never inlined (it could be
+# evaluated twice)
+RANDOM_FUNCTIONS = {"dropout", "rand", "randn", "rand_like", "randn_like", "bernoulli", "multinomial", "random"}
+INLINE_NODES = (ast.Name, ast.Int, ast.Float, ast.Bool, ast.Str, ast.Attribute, ast.BinOp, ast.UnaryOp, ast.Call,
+                ast.Keyword, ast.Index, ast.Slice, ast.EllipsisIndex, ast.ListExpr, ast.TupleExpr)
+
+
+def inlinable(e: ast.Expr) -> bool:
+    """Whether `e` may be evaluated in another place or twice: no layer construction (a module named after
+    its place), no randomness, only plain functions (`exp`, `unsqueeze`, …) and instances bound to names."""
+    for n in ast.walk(e):
+        if not isinstance(n, INLINE_NODES):
+            return False
+        if isinstance(n, ast.Name) and n.id in RANDOM_FUNCTIONS:
+            return False
+        if isinstance(n, ast.Call) and not (isinstance(n.func, ast.Name) and n.func.id[:1].islower()):
+            return False
+    return True
+
+
+def substitute(e: Any, env: dict[str, ast.Expr]) -> Any:
+    """`e` with every name bound in `env` replaced by its expression; None where a bound name is the base of
+    an attribute (`local.t` is an error in the step loop and must stay one)."""
+    if isinstance(e, ast.Name):
+        return env.get(e.id, e)
+    if isinstance(e, ast.Attribute) and isinstance(e.value, ast.Name) and e.value.id in env:
+        return None
+    if isinstance(e, tuple):
+        items = [substitute(x, env) for x in e]
+        return None if any(x is None for x in items) else tuple(items)
+    if not isinstance(e, ast.Node):
+        return e
+    changes = {}
+    for field in type(e).model_fields:
+        value = getattr(e, field)
+        if isinstance(value, (ast.Node, tuple)):
+            new = substitute(value, env)
+            if new is None:
+                return None
+            if new is not value:
+                changes[field] = new
+    return e.model_copy(update=changes) if changes else e
+
+
+def flatten_body(s: ast.Scan) -> Optional[FlatBody]:
+    """Inline the body's locals (names assigned once that are not states, with an `inlinable` value) into
+    the state updates and emits; None when the body has anything else (an exit, a tuple assignment, a name
+    assigned twice, …)."""
+    counts: dict[str, int] = {}
+    for stmt in s.body:
+        if isinstance(stmt, ast.Assign):
+            for target in stmt.targets:
+                counts[target.id] = counts.get(target.id, 0) + 1
+    env: dict[str, ast.Expr] = {}
+    updates: dict[str, tuple[ast.Assign, ast.Expr]] = {}
+    emits: list[tuple[ast.Emit, ast.Expr]] = []
+    for stmt in s.body:
+        if isinstance(stmt, ast.Comment):
+            continue
+        if isinstance(stmt, ast.Emit):
+            value = substitute(stmt.value, env)
+            if value is None:
+                return None
+            emits.append((stmt, value))
+            continue
+        if not isinstance(stmt, ast.Assign) or len(stmt.targets) != 1:
+            return None
+        name = stmt.targets[0].id
+        value = substitute(stmt.value, env)
+        if counts[name] != 1 or value is None:
+            return None
+        if name in s.states:
+            updates[name] = (stmt, value)
+        elif not inlinable(stmt.value):
+            return None
+        env[name] = value
+    return FlatBody(updates, emits)
+
+
+def same(a: Any, b: Any) -> bool:
+    """Equal expressions up to source positions."""
+    return ast.strip_spans(a) == ast.strip_spans(b)
+
+
+def int_value(e: Any) -> Optional[int]:
+    if isinstance(e, ast.Int):
+        return e.value
+    if isinstance(e, ast.UnaryOp) and e.op == "-" and isinstance(e.operand, ast.Int):
+        return -e.operand.value
+    return None
+
+
+def number_value(e: Any) -> Optional[float]:
+    if isinstance(e, (ast.Int, ast.Float)):
+        return float(e.value)
+    if isinstance(e, ast.UnaryOp) and e.op == "-" and isinstance(e.operand, (ast.Int, ast.Float)):
+        return -float(e.operand.value)
+    return None
+
+
+def call_args(e: Any, fname: str, nargs: int) -> Optional[tuple]:
+    """The positional arguments of `fname(a, b…)` or `a -> fname(b…)` (no keywords), else None."""
+    if isinstance(e, ast.Call) and isinstance(e.func, ast.Name) and e.func.id == fname and not e.kwargs \
+            and len(e.args) == nargs:
+        return tuple(e.args)
+    if isinstance(e, ast.Pipe):
+        right = e.right
+        if isinstance(right, ast.Name) and right.id == fname and nargs == 1:
+            return (e.left,)
+        if isinstance(right, ast.Call) and isinstance(right.func, ast.Name) and right.func.id == fname \
+                and not right.kwargs and len(right.args) == nargs - 1:
+            return (e.left, *right.args)
+    return None
+
+
+def unsqueezed(e: Any, dims: tuple[int, ...]) -> Optional[ast.Expr]:
+    """`x` of `unsqueeze(x, k)` with k in `dims`."""
+    args = call_args(e, "unsqueeze", 2)
+    return args[0] if args is not None and int_value(args[1]) in dims else None
+
+
+def factors(e: Any) -> tuple:
+    """Both orders of the operands of a product `p * q`; () for anything else."""
+    if isinstance(e, ast.BinOp) and e.op == "*":
+        return ((e.left, e.right), (e.right, e.left))
+    return ()
+
+
+# elementwise functions: on the whole sequence they compute every step's value at once
+ELEMENTWISE = {"exp", "log", "softplus", "sigmoid", "tanh", "relu", "silu", "gelu", "abs", "sqrt", "neg",
+               "sin", "cos", "identity", "detach"}
+
+
+def step_safe(e: ast.Expr, scope: Scope, states: tuple) -> bool:
+    """Whether a per-step expression gives every step at once when `x.t` reads the whole sequence `x`:
+    `.t` reads, numbers and tensors of rank <= 1 (they broadcast alike against [B, …] and [B, T, …])
+    combined by arithmetic and elementwise functions only."""
+    stepped = {id(n.value) for n in ast.walk(e) if isinstance(n, ast.Attribute) and n.attr == "t"}
+    called = {id(n.func) for n in ast.walk(e) if isinstance(n, ast.Call)}
+    for n in ast.walk(e):
+        if isinstance(n, ast.Attribute):
+            if n.attr != "t" or not isinstance(n.value, ast.Name):
+                return False
+        elif isinstance(n, ast.Call):
+            if not (isinstance(n.func, ast.Name) and n.func.id in ELEMENTWISE and len(n.args) == 1 and not n.kwargs):
+                return False
+        elif isinstance(n, ast.Name):
+            if id(n) in stepped or id(n) in called:
+                continue
+            if n.id in states:
+                return False
+            try:
+                v = scope.lookup(n.id)
+            except KeyError:
+                return False
+            if not (isinstance(v, (int, float)) and not isinstance(v, bool)
+                    or isinstance(v, Tensor) and len(v.shape) <= 1):
+                return False
+        elif not isinstance(n, (ast.BinOp, ast.UnaryOp, ast.Int, ast.Float)):
+            return False
+        if isinstance(n, ast.BinOp) and n.op not in ("+", "-", "*", "/"):
+            return False
+    return True
+
+
+def dims_match(a: Any, b: Any) -> bool:
+    return a == b if isinstance(a, int) == isinstance(b, int) else False
+
+
+def fits(v: Any, full: tuple) -> bool:
+    """Whether `broadcast_to(v, full)` gives every step the value the step expression has: a number, a
+    per-step [B, …] value (rank one less), a whole-sequence value, or a tensor broadcasting on trailing axes."""
+    if isinstance(v, (int, float)) and not isinstance(v, bool):
+        return True
+    if not isinstance(v, Tensor) or len(v.shape) > len(full):
+        return False
+    target = full[:1] + full[2:] if len(v.shape) == len(full) - 1 else full[len(full) - len(v.shape):]
+    return all(d == 1 or dims_match(d, t) for d, t in zip(v.shape, target))
+
+
+def evaluate(el: Elaborator, exprs: list, scope: Scope, prefix: str) -> list:
+    """Evaluate expressions of the body with `x.t` reading whole sequences (ScanFrame "full")."""
+    frame = ScanFrame("full")
+    el.scan_frames.append(frame)
+    try:
+        sub = body_scope(scope, prefix)
+        values = [None if e is None else el.eval(e, sub) for e in exprs]
+    finally:
+        el.scan_frames.pop()
+    if any(v is POISON for v in values):
+        raise Abort()
+    return values
+
+
+def route_rows(el: Elaborator, perm: Tensor, reverse: bool) -> fx.Node:
+    """The order `perm` [T] as the routes [1, T] of the multi-route ops (walked backwards for `reverse`)."""
+    node = el.node_of(perm)
+    if reverse:
+        node = el.call_function(torch.flip, (node, (0,)))
+    return el.call_function(torch.unsqueeze, (node, 0))
+
+
+# ---------------------------------------------------------------- selective scan (Mamba S6)
+
+
+class Selective(NamedTuple):
+    dt: ast.Expr
+    A: ast.Expr
+    u: ast.Expr
+    Bm: ast.Expr
+    outputs: list  # (emit, Cm expression, D expression or None)
+
+
+def match_selective(expr: ast.Expr, emits: list, h: str) -> Optional[Selective]:
+    """`h = exp(unsqueeze(dt, -1) * A) * h + unsqueeze(dt * u, -1) * unsqueeze(Bm, 1)` (products and the sum
+    in either order) and emits `sum(h * unsqueeze(Cm, 1), -1)` with an optional `+ D * u`."""
+    linear = match_linear(expr, h)
+    if linear is None or not emits:
+        return None
+    coef, other = linear
+    arg = call_args(coef, "exp", 1)
+    if arg is None:
+        return None
+    dt = A = None
+    for p, q in factors(arg[0]):
+        dt = unsqueezed(p, (-1, 2))
+        if dt is not None:
+            A = q
+            break
+    if dt is None or A is None:
+        return None
+    u = bm = None
+    for p, q in factors(other):
+        prod, b = unsqueezed(p, (-1, 2)), unsqueezed(q, (1, -2))
+        if prod is None or b is None:
+            continue
+        u = next((y for x, y in factors(prod) if same(x, dt)), None)
+        if u is not None:
+            bm = b
+            break
+    if u is None or bm is None:
+        return None
+    outputs = []
+    for emit, e in emits:
+        match = match_selective_output(e, expr, u)
+        if match is None:
+            return None
+        outputs.append((emit, *match))
+    leaves = [dt, A, u, bm] + [c for _, c, _ in outputs] + [d for _, _, d in outputs if d is not None]
+    if any(mentions(x, h) for x in leaves):
+        return None
+    return Selective(dt, A, u, bm, outputs)
+
+
+def match_selective_output(e: ast.Expr, state: ast.Expr, u: ast.Expr) -> Optional[tuple]:
+    """`sum(state * unsqueeze(Cm, 1), -1)` (+ `D * u`) → (Cm, D or None)."""
+    parts: list[tuple[Any, Any]] = [(e, None)]
+    if isinstance(e, ast.BinOp) and e.op == "+":
+        parts = [(e.left, e.right), (e.right, e.left)]
+    for reduce, skip in parts:
+        D = None
+        if skip is not None:
+            D = next((x for x, y in factors(skip) if same(y, u)), None)
+            if D is None:
+                continue
+        args = call_args(reduce, "sum", 2)
+        if args is None or int_value(args[1]) not in (-1, 2):
+            continue
+        for x, y in factors(args[0]):
+            c = unsqueezed(y, (1, -2))
+            if c is not None and same(x, state):
+                return c, D
+    return None
+
+
+def lower_selective(el: Elaborator, s: ast.Scan, scope: Scope, seq: Tensor, h0: Tensor, reverse: bool,
+                    prefix: str, perm: Optional[Tensor], m: Selective) -> Optional[dict[str, Tensor]]:
+    """One `selective_scan` (or multi-route selective scan with R = 1 for `order perm`) per distinct
+    (Cm, D) of the emits; the final state, when used, from a linear scan of the discretised inputs."""
+    if h0.node.target is not runtime.zeros_batch or len(h0.shape) != 3:
+        return None  # the selective scan starts from zeros
+    stepped = [m.dt, m.u, m.Bm] + [c for _, c, _ in m.outputs]
+    if not all(step_safe(e, scope, s.states) for e in stepped):
+        return None
+    fixed = [m.A] + [d for _, _, d in m.outputs if d is not None]
+    if not all(inlinable(e) and not any(isinstance(n, ast.Attribute) and n.attr == "t" for n in ast.walk(e))
+               for e in fixed):
+        return None
+    A, dt, u, bm = evaluate(el, [m.A, m.dt, m.u, m.Bm], scope, prefix)
+    bsz, length = seq.shape[:2]
+    d, n = h0.shape[1], h0.shape[2]
+    full_d, full_n = (bsz, length, d), (bsz, length, n)
+    if not (isinstance(A, Tensor) and len(A.shape) == 2 and dims_match(A.shape[0], d)
+            and dims_match(A.shape[1], n)):
+        return None
+    if not (fits(dt, full_d) and fits(u, full_d) and fits(bm, full_n)):
+        return None
+    dt_f = broadcast_to(el, dt, full_d, m.dt)
+    u_f = broadcast_to(el, u, full_d, m.u)
+    bm_f = broadcast_to(el, bm, full_n, m.Bm)
+    routes = None if perm is None else route_rows(el, perm, reverse)
+    calls: dict[Any, fx.Node] = {}
+    out: dict[str, Tensor] = {}
+    for emit, c_expr, d_expr in m.outputs:
+        key = (ast.strip_spans(c_expr), None if d_expr is None else ast.strip_spans(d_expr))
+        if key not in calls:
+            cm, skip = evaluate(el, [c_expr, d_expr], scope, prefix)
+            if not fits(cm, full_n):
+                return None
+            cm_f = broadcast_to(el, cm, full_n, c_expr)
+            if skip is None:
+                D = None
+            elif isinstance(skip, (int, float)) and not isinstance(skip, bool):
+                D = Tensor(el.call_function(_full_like_last, (u_f, float(skip))), (d,))
+            elif isinstance(skip, Tensor) and len(skip.shape) == 1 and dims_match(skip.shape[0], d):
+                D = skip
+            elif isinstance(skip, Tensor) and len(skip.shape) <= 1 and all(x == 1 for x in skip.shape):
+                D = Tensor(el.call_function(_per_neuron, (skip, el.runtime_dim(d))), (d,))
+            else:
+                return None
+            if routes is None:
+                node = el.call_function(ops.selective_scan, (u_f, dt_f, A, bm_f, cm_f, D), {"reverse": reverse})
+            else:
+                node = el.call_function(ops.multi_route_selective_scan, (u_f, dt_f, A, bm_f, cm_f, D, None, None),
+                                        {"routes": routes, "weights": None})
+            el.stats.append(("scan", s.states[0], node))
+            calls[key] = node
+        out[emit.name] = Tensor(calls[key], full_d)
+    # the final state: removed as dead code unless the spec reads it after the scan
+    decay = el.call_function(torch.exp, (el.call_function(operator.mul, (
+        el.call_function(torch.unsqueeze, (dt_f, -1)), A)),))
+    drive = el.call_function(operator.mul, (
+        el.call_function(torch.unsqueeze, (el.call_function(operator.mul, (dt_f, u_f)), -1)),
+        el.call_function(torch.unsqueeze, (bm_f, 2))))
+    if perm is not None:
+        decay, drive = (el.call_function(torch.index_select, (x, 1, perm)) for x in (decay, drive))
+    states = el.call_function(linear_scan_nd, (decay, drive, h0), {"reverse": reverse})
+    last = el.call_function(operator.getitem, (states, (slice(None), 0 if reverse else -1)))
+    out[s.states[0]] = Tensor(last, h0.shape)
+    return out
+
+
+# ---------------------------------------------------------------- integrate-and-fire
+
+
+class Spiking(NamedTuple):
+    beta: Optional[ast.Expr]
+    x: ast.Expr
+    theta: ast.Expr
+    reset: str
+    spike: ast.Expr  # the spike expression the emits repeat
+    height: Optional[ast.Expr]  # s = height * (u >= theta); None: s is the comparison (bool)
+    outputs: list  # (emit, "spikes" | "state")
+
+
+def match_spiking(expr: ast.Expr, emits: list, v: str) -> Optional[Spiking]:
+    """`u = beta * v + x` (or `v + x`), `s = [k *] (u >= theta)`, `v = u - s` (k = theta) / `u - s * theta`
+    (s the comparison) / `u * (1 - s)` (k = 1), emits of `s` or of the new `v`; everything but `v` in the
+    update free of `v`. The comparison is `>=` only (what lif_scan computes)."""
+    if not isinstance(expr, ast.BinOp):
+        return None
+    candidates: list[tuple[ast.Expr, ast.Expr, str]] = []  # (u, reset term, reset kind)
+    if expr.op == "-":
+        candidates.append((expr.left, expr.right, "subtract"))
+    elif expr.op == "*":
+        for p, q in factors(expr):
+            if isinstance(q, ast.BinOp) and q.op == "-" and number_value(q.left) == 1.0:
+                candidates.append((p, q.right, "zero"))
+    for u, term, reset in candidates:
+        integrate = match_integrate(u, v)
+        if integrate is None:
+            continue
+        beta, x = integrate
+        for spike, scale in spike_options(term, reset):
+            parts = spike_parts(spike, u, v)
+            if parts is None:
+                continue
+            theta, height = parts
+            if reset == "zero" and number_value(height) != 1.0:
+                continue  # `1 - s` with s the bool comparison fails in the step loop; other heights: not a reset
+            if reset == "subtract" and not reset_amount_is(theta, height, scale):
+                continue
+            outputs = []
+            for emit, e in emits:
+                if same(e, spike):
+                    outputs.append((emit, "spikes"))
+                elif same(e, expr):
+                    outputs.append((emit, "state"))
+                else:
+                    break
+            else:
+                return Spiking(beta, x, theta, reset, spike, height, outputs)
+    return None
+
+
+def match_integrate(e: ast.Expr, v: str) -> Optional[tuple[Optional[ast.Expr], ast.Expr]]:
+    """`beta * v + x` forms (match_linear) or `v + x` / `x + v` → (beta or None, x)."""
+    if not (isinstance(e, ast.BinOp) and e.op == "+"):
+        return None
+    for a, b in ((e.left, e.right), (e.right, e.left)):
+        if isinstance(a, ast.Name) and a.id == v and not mentions(b, v):
+            return None, b
+    return match_linear(e, v)
+
+
+def spike_options(term: ast.Expr, reset: str) -> list[tuple[ast.Expr, Optional[ast.Expr]]]:
+    """The spike expression a reset term may contain: itself, or `s` of `s * m` / `m * s` (→ (s, m))."""
+    options: list[tuple[ast.Expr, Optional[ast.Expr]]] = [(term, None)]
+    if reset == "subtract":
+        options += [(p, q) for p, q in factors(term)]
+    return options
+
+
+def spike_parts(e: ast.Expr, u: ast.Expr, v: str) -> Optional[tuple[ast.Expr, Optional[ast.Expr]]]:
+    """`(u >= theta)` → (theta, None); `k * (u >= theta)` / `(u >= theta) * k` → (theta, k)."""
+    theta = comparison(e, u)
+    if theta is not None:
+        return (theta, None) if not mentions(theta, v) else None
+    for k, c in factors(e):
+        theta = comparison(c, u)
+        if theta is not None and not mentions(theta, v) and not mentions(k, v):
+            return theta, k
+    return None
+
+
+def comparison(e: ast.Expr, u: ast.Expr) -> Optional[ast.Expr]:
+    """theta of `u >= theta` or `theta <= u`."""
+    if isinstance(e, ast.BinOp) and e.op == ">=" and same(e.left, u):
+        return e.right
+    if isinstance(e, ast.BinOp) and e.op == "<=" and same(e.right, u):
+        return e.left
+    return None
+
+
+def reset_amount_is(theta: ast.Expr, height: Optional[ast.Expr], scale: Optional[ast.Expr]) -> bool:
+    """Whether a subtract reset removes exactly theta per spike: height * scale == theta (None counts 1)."""
+    present = [x for x in (height, scale) if x is not None and number_value(x) != 1.0]
+    if len(present) == 0:
+        return number_value(theta) == 1.0
+    if len(present) == 1:
+        target = present[0]
+        return same(target, theta) or (number_value(target) is not None and number_value(target) == number_value(theta))
+    return False
+
+
+def lower_spiking(el: Elaborator, scope: Scope, seq: Tensor, v: str, v0: Tensor, prefix: str,
+                  m: Spiking) -> Optional[dict[str, Tensor]]:
+    """`lif.threshold_scan` over the whole sequence: channels flattened, a tensor threshold by scaling,
+    no surrogate gradient (the step loop's comparison has none)."""
+    if not step_safe(m.x, scope, ()):
+        return None
+    fixed = [e for e in (m.beta, m.theta, m.height) if e is not None]
+    if not all(inlinable(e) and not any(isinstance(n, ast.Attribute) and n.attr == "t" for n in ast.walk(e))
+               for e in fixed):
+        return None
+    x, theta, beta, height = evaluate(el, [m.x, m.theta, m.beta, m.height], scope, prefix)
+    channels = tuple(v0.shape[1:])
+    full = tuple(seq.shape[:2]) + channels
+
+    def per_channel(value: Any) -> bool:  # a number or a tensor broadcasting against one step's channels
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return True
+        return isinstance(value, Tensor) and len(value.shape) <= len(channels) and all(
+            a == 1 or dims_match(a, b) for a, b in zip(value.shape, channels[len(channels) - len(value.shape):]))
+
+    if not (fits(x, full) and per_channel(theta) and (beta is None or per_channel(beta))
+            and (height is None or per_channel(height))):
+        return None
+    x_f = broadcast_to(el, x, full, m.x)
+    theta_arg = float(theta) if isinstance(theta, (int, float)) else theta
+    beta_arg = 1.0 if beta is None else float(beta) if isinstance(beta, (int, float)) else beta
+    node = el.call_function(lif.threshold_scan, (x_f, v0, theta_arg, beta_arg), {"reset": m.reset})
+    spikes01, states = el.getitem(node, 0), el.getitem(node, 1)
+    # the comparison (bool), times the height as the body computes it (same dtype promotion as the step loop)
+    spikes = el.call_function(torch.ne, (spikes01, 0))
+    if m.height is not None:
+        spikes = el.call_function(operator.mul, (height, spikes))
+    el.stats.append(("scan", v, node))
+    last = el.call_function(operator.getitem, (states, (slice(None), -1)))
+    out = {v: Tensor(last, v0.shape)}
+    for emit, kind in m.outputs:
+        out[emit.name] = Tensor(spikes if kind == "spikes" else states, full)
+    return out
+
+
+# ---------------------------------------------------------------- linear recurrence in a permuted order
+
+
+def lower_routed_linear(el: Elaborator, scope: Scope, seq: Tensor, h0: Tensor, reverse: bool, prefix: str,
+                        perm: Tensor, expr: ast.Expr, h: str, emits: list) -> Optional[dict[str, Tensor]]:
+    """`h = a * h + b` with `order perm`: `multi_route_linear_scan` with the one route perm (R = 1): the
+    gathers and scatters happen in the kernel's loads and stores."""
+    linear = match_linear(expr, h)
+    if linear is None or len(h0.shape) != 2 or h0.node.target is not runtime.zeros_batch:
+        return None
+    full = tuple(seq.shape[:2]) + (h0.shape[1],)
+    a_expr, b_expr = linear
+    a, b = evaluate(el, [a_expr, b_expr], scope, prefix)
+    a_f = broadcast_to(el, a, full, a_expr)
+    b_f = broadcast_to(el, b, full, b_expr)
+    node = el.call_function(ops.multi_route_linear_scan, (a_f, b_f, route_rows(el, perm, reverse)),
+                            {"weights": None})
+    el.stats.append(("scan", h, node))
+    position = el.call_function(operator.getitem, (perm, 0 if reverse else -1))  # the last position visited
+    last = el.call_function(operator.getitem, (node, (slice(None), position)))
     out = {h: Tensor(last, h0.shape)}
     for e in emits:
         out[e.name] = Tensor(node, full)
