@@ -16,11 +16,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch._subclasses.fake_tensor import FakeTensor
 
-from . import ops
+from . import functions, ops
 from .ctor import recorded
 
 __all__ = [
-    "TopKGate", "SoftGate", "HardGate", "Experts", "BranchRoute", "PathCombine", "ExitPoint", "ExitFinal",
+    "TopKGate", "SoftGate", "HardGate", "Experts", "BranchRoute", "PathCombine", "ExitPoint", "ExitScore", "ExitFinal",
     "ScanLoop", "LiveBound", "exit_policy", "exit_rows", "batch_dim", "token_shuffle", "token_unshuffle", "zeros_batch",
 ]
 
@@ -465,6 +465,26 @@ class ExitPoint(nn.Module):
         index = index.index_put((alive,), torch.where(leave, torch.full_like(alive, self.position), index[alive]))
         _, alive, logits, *live = ops.pack_rows(~leave, [alive, logits, *live], min_rows=MIN_PACKED_ROWS)
         return (out, index, alive, logits, *live)
+
+
+@recorded
+class ExitScore(nn.Module):
+    """The score of a fused exit rule, as a model returns it in training (`exit_scores`).
+
+    When the compiler lowers `Linear(d, C)` + `confidence(head) >= t` (or `entropy(head) <= t`) into one
+    `linear_exit` call, the op's score carries no gradient. In training this module recomputes the rule's
+    score from the logits with `confidence`/`entropy` (differentiable, exactly the unfused lowering); in eval,
+    where only the decision is used, it passes the fused op's score through at no cost.
+    """
+
+    def __init__(self, rule: str):
+        super().__init__()
+        self.rule = rule
+
+    def forward(self, logits: Tensor, fused_score: Tensor) -> Tensor:
+        if not self.training:
+            return fused_score
+        return functions.confidence(logits) if self.rule == "confidence" else functions.entropy(logits)
 
 
 @recorded

@@ -27,9 +27,11 @@ from ..codegen.ctor import construct, recorded_like
 from ..codegen.functions import (
     arange_float as _arange_float,
     arange_like as _arange_like,
+    confidence as _confidence,
     dense_from_topk as _dense_from_topk,
     exit_buffer as _exit_buffer,
     exit_index as _exit_index,
+    entropy as _entropy,
     eye_like as _eye_like,
     ones_batch as _ones_batch,
     ones_for as _ones_for,
@@ -1578,6 +1580,7 @@ class Elaborator:
     def stmt_Exit(self, s: ast.Exit, scope: Scope) -> None:
         sub = scope.child(join(scope.prefix, s.name))
         sub.anon = {}
+        before = set(self.ctx.graph.nodes)  # nodes made by this statement may be fused below
         head = self.eval(s.value, sub)
         if head is POISON:
             raise Abort()
@@ -1585,7 +1588,7 @@ class Elaborator:
             got = render_shape(head.shape) if isinstance(head, Tensor) else self.describe(head)
             self.error("R150", f"`exit` head must produce [B, C] logits, got {got}", s.value.span)
         if self.scan_frames and self.scan_frames[-1].mode == "step":
-            self.time_exit(s, head, scope)
+            self.time_exit(s, head, scope, before)
             return
         if self.ctx.parent is not None:
             self.error("R151", "`exit` here is inside a nested graph (a route branch); exits belong to the "
@@ -1603,6 +1606,14 @@ class Elaborator:
         if not isinstance(decision, Tensor) or decision.dtype != "bool" or len(decision.shape) != 1:
             self.error("R152", "an exit rule must be a per-sample condition [B] such as `confidence(head) >= 0.9`, "
                        f"got {self.describe(decision)}", s.rule.span)
+        fused = self.fuse_exit_head(head, decision, before)
+        fused_score: Optional[fx.Node] = None
+        if fused is not None:
+            head, decision, fused_score = fused
+            if key is not None:
+                arr.heads[key] = head
+            else:
+                scope.names[s.name] = head
         st = self.exits()
         if st.classes is None:
             st.classes = head.shape[1]
@@ -1623,13 +1634,13 @@ class Elaborator:
         st.alive = self.getitem(node, 2)
         st.last_survivors = Tensor(self.getitem(node, 3), head.shape)
         st.heads.append(head)
-        st.scores.append(self.rule_score(decision))
+        st.scores.append(self.rule_score(decision) if fused_score is None else fused_score)
         st.names.append(f"{s.name}[{key}]" if key is not None else s.name)
         for i, (owner, name) in enumerate(list(self.live_owners)):
             old = owner.names[name]
             owner.names[name] = Tensor(self.getitem(node, 4 + i), old.shape, old.dtype)
 
-    def time_exit(self, s: ast.Exit, head: Tensor, scope: Scope) -> None:
+    def time_exit(self, s: ast.Exit, head: Tensor, scope: Scope, before: set) -> None:
         """`exit` inside a scan body: a head and rule per time step (exit over time, DESIGN §4)."""
         frame = self.scan_frames[-1]
         if s.index is not None:
@@ -1645,7 +1656,73 @@ class Elaborator:
         if not isinstance(decision, Tensor) or decision.dtype != "bool":
             self.error("R152", "an exit rule must be a per-sample condition such as `confidence(head) >= 0.9`, "
                        f"got {self.describe(decision)}", s.rule.span)
+        fused = self.fuse_exit_head(head, decision, before, with_score=False)
+        if fused is not None:
+            head, decision, _ = fused
+            scope.names[s.name] = head
         frame.exit = (s.name, head, decision)
+
+    def fuse_exit_head(self, head: Tensor, decision: Tensor, before: set,
+                       with_score: bool = True) -> Optional[tuple[Tensor, Tensor, Optional[fx.Node]]]:
+        """Lower `Linear(d, C)` on a [B, d] tensor followed by `confidence(head) >= t` or `entropy(head) <= t`
+        (t a static number; also written `t <= confidence(head)` / `t >= entropy(head)`) into one
+        `ops.linear_exit` call: the head GEMM with the rule in its epilogue. The Linear stays registered (its
+        parameters keep their names; the op reads them with get_attr) and gradients reach them through the
+        logits. `linear_exit` decides `score >= t` / `score <= t` on the score as `confidence`/`entropy`
+        return it, so only these two comparisons are fused; `>` and `<` keep the unfused lowering. Only nodes
+        this statement made (`before`: the graph's nodes before it) and nothing else reads are replaced.
+        Returns (logits, decision, the training score node or None), or None when the pattern does not hold."""
+        graph = self.ctx.graph
+        linear, rule_node = head.node, decision.node
+        if rule_node.op != "call_function" or rule_node.kwargs or len(rule_node.args) != 2:
+            return None
+        a, b = rule_node.args
+        ops_of: dict[Any, str] = {operator.ge: ">=", operator.le: "<=", operator.gt: ">", operator.lt: "<"}
+        flipped = {">=": "<=", "<=": ">=", ">": "<", "<": ">"}
+        op = ops_of.get(rule_node.target)
+        if op is None:
+            return None
+        if isinstance(b, fx.Node) and not isinstance(a, fx.Node):
+            a, b, op = b, a, flipped[op]  # `t <= score` is `score >= t`
+        score_node, t = a, b
+        if not isinstance(score_node, fx.Node) or isinstance(t, bool) or not isinstance(t, (int, float)):
+            return None
+        rules: dict[Any, tuple[str, str]] = {_confidence: ("confidence", ">="), _entropy: ("entropy", "<=")}
+        if score_node.op != "call_function" or score_node.target not in rules:
+            return None
+        rule, wanted = rules[score_node.target]
+        if op != wanted or score_node.args != (linear,) or score_node.kwargs.get("dim", -1) not in (-1, 1):
+            return None
+        if linear.op != "call_module" or len(linear.args) != 1 or linear.kwargs:
+            return None
+        module = self.lookup_module(str(linear.target))
+        x = linear.args[0]
+        if not isinstance(module, nn.Linear) or not isinstance(x, fx.Node) \
+                or len(self.node_shapes.get(id(x), ())) != 2:
+            return None
+        made = {linear, score_node, rule_node}
+        if any(n in before or n.graph is not graph for n in made) or set(linear.users) != {score_node} \
+                or set(score_node.users) != {rule_node} or rule_node.users:
+            return None
+        path = str(linear.target)
+        weight = self.get_param_node(f"{path}.weight")
+        bias = self.get_param_node(f"{path}.bias") if module.bias is not None else None
+        node = self.call_function(ops.linear_exit, (x, weight, bias), {"rule": rule, "threshold": float(t)})
+        logits, score, leave = (self.getitem(node, i) for i in range(3))
+        for old in (rule_node, score_node, linear):
+            self.node_shapes.pop(id(old), None)
+            graph.erase_node(old)
+        self.node_shapes[id(logits)] = head.shape
+        self.node_shapes[id(leave)] = decision.shape
+        self.node_shapes[id(score)] = decision.shape
+        training_score = None
+        if with_score:
+            st = self.exits()
+            path = f"exit_rules.{len(st.heads)}"
+            self.register(path, runtime.ExitScore(rule))
+            training_score = self.call_module(path, (Tensor(logits, head.shape), Tensor(score, decision.shape)))
+            self.node_shapes[id(training_score)] = decision.shape
+        return Tensor(logits, head.shape, head.dtype), Tensor(leave, decision.shape, "bool"), training_score
 
     def rule_score(self, decision: Tensor) -> Optional[fx.Node]:
         """The score a threshold rule compares (`confidence(e)` in `confidence(e) >= 0.9`), returned in
