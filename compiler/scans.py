@@ -388,6 +388,15 @@ def fits(v: Any, full: tuple) -> bool:
     return all(d == 1 or dims_match(d, t) for d, t in zip(v.shape, target))
 
 
+def stepped_as(v: Any, full: tuple) -> bool:
+    """Whether `v` is a whole sequence `full` [B, T, …] or a per-step value [B, …] of that shape: the S6 body
+    unsqueezes its step values at fixed axes, which broadcasting a smaller tensor would move."""
+    if not isinstance(v, Tensor):
+        return False
+    target = full if len(v.shape) == len(full) else full[:1] + full[2:]
+    return len(v.shape) == len(target) and all(dims_match(d, t) for d, t in zip(v.shape, target))
+
+
 def evaluate(el: Elaborator, exprs: list, scope: Scope, prefix: str) -> list:
     """Evaluate expressions of the body with `x.t` reading whole sequences (ScanFrame "full")."""
     frame = ScanFrame("full")
@@ -503,7 +512,7 @@ def lower_selective(el: Elaborator, s: ast.Scan, scope: Scope, seq: Tensor, h0: 
     if not (isinstance(A, Tensor) and len(A.shape) == 2 and dims_match(A.shape[0], d)
             and dims_match(A.shape[1], n)):
         return None
-    if not (fits(dt, full_d) and fits(u, full_d) and fits(bm, full_n)):
+    if not (stepped_as(dt, full_d) and stepped_as(u, full_d) and stepped_as(bm, full_n)):
         return None
     dt_f = broadcast_to(el, dt, full_d, m.dt)
     u_f = broadcast_to(el, u, full_d, m.u)
@@ -515,7 +524,7 @@ def lower_selective(el: Elaborator, s: ast.Scan, scope: Scope, seq: Tensor, h0: 
         key = (ast.strip_spans(c_expr), None if d_expr is None else ast.strip_spans(d_expr))
         if key not in calls:
             cm, skip = evaluate(el, [c_expr, d_expr], scope, prefix)
-            if not fits(cm, full_n):
+            if not stepped_as(cm, full_n):
                 return None
             cm_f = broadcast_to(el, cm, full_n, c_expr)
             if skip is None:
