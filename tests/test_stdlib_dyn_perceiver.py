@@ -14,17 +14,14 @@ from __future__ import annotations
 
 import re
 
-import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from stdlib_refs import assert_every_parameter_trained
+from stdlib_refs import reference_backend  # noqa: F401  (autouse: ROUTEC_BACKEND=reference)
+
 SMALL = dict(img=32, base=4, blocks=[1, 2, 1, 1], latents=16, sa_layers=[1, 1, 2, 1], pool=2, classes=5)
-
-
-@pytest.fixture(autouse=True)
-def _reference_backend(monkeypatch):
-    monkeypatch.setenv("ROUTEC_BACKEND", "reference")
 
 
 class RefBottleneck(nn.Module):
@@ -344,6 +341,4 @@ def test_train_step_matches_reference_and_gives_gradients():
     loss = sum(F.cross_entropy(e, target) for e in out.exits)
     assert torch.isfinite(loss)
     loss.backward()
-    for name, p in net.named_parameters():
-        assert p.grad is not None and torch.isfinite(p.grad).all(), name
-        assert p.grad.abs().sum() > 0, f"{name} got a zero gradient"
+    assert_every_parameter_trained(net)
