@@ -11,6 +11,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from stdlib_refs import assert_every_parameter_trained
+from stdlib_refs import reference_backend  # noqa: F401  (autouse: ROUTEC_BACKEND=reference)
+
 SMALL = dict(n_in=1, n=12, heads=3, classes=2)
 
 
@@ -52,11 +55,6 @@ def test_reference_with_unit_tau_is_a_plain_leaky_relu_rnn():
             h = torch.where(pre > 0, pre, 0.01 * pre)
         torch.testing.assert_close(got[:, 0], ref.fc[0](h))
         assert torch.all(W.diagonal() == 0)
-
-
-@pytest.fixture(autouse=True)
-def reference_backend(monkeypatch):
-    monkeypatch.setenv("ROUTEC_BACKEND", "reference")
 
 
 def name_map(heads: int, classes: int) -> dict:
@@ -125,7 +123,6 @@ def test_model_train_step():
     loss = sum(F.cross_entropy(logits[:, k], labels[:, k]) for k in range(SMALL["heads"]))
     loss.backward()
     assert torch.isfinite(loss)
-    for name, p in net.named_parameters():
-        assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, name
+    assert_every_parameter_trained(net)
     w = net.get_parameter("leakytaurnn.w_rec")
     assert torch.all(w.grad.diagonal() == 0), "self-connections carry no gradient"
