@@ -20,6 +20,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from stdlib_refs import assert_every_parameter_trained
+from stdlib_refs import reference_backend  # noqa: F401  (autouse: ROUTEC_BACKEND=reference)
+
 SMALL = dict(d=12, depth=1, heads=3, state=4, t=0.0, size=16, patch=4)
 
 
@@ -176,11 +179,6 @@ class RefMHSVM(nn.Module):
         return x
 
 
-@pytest.fixture(autouse=True)
-def reference_backend(monkeypatch):
-    monkeypatch.setenv("ROUTEC_BACKEND", "reference")
-
-
 def name_map(depth: int, heads: int, d: int) -> dict:
     """{routec parameter: (reference parameter, index into it)}; the reference stacks per-route parameters."""
     sub = d // heads
@@ -271,8 +269,7 @@ def test_scan_head_matches_reference(head, first, second, t):
     if t > 0:
         assert (want == 0).any() and (want != 0).any(), "the gate closes some positions and not others"
     got.square().mean().backward()
-    for name, p in net.named_parameters():
-        assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, name
+    assert_every_parameter_trained(net)
 
 
 @pytest.mark.parametrize("heads", [3, 4])
@@ -296,8 +293,7 @@ def test_model_train_step():
     loss = out.square().mean()
     loss.backward()
     assert torch.isfinite(loss)
-    for name, p in net.named_parameters():
-        assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, name
+    assert_every_parameter_trained(net)
 
 
 def test_hand_written_routes_equal_route_table():
