@@ -23,6 +23,7 @@ from stdlib_refs import reference_backend  # noqa: F401  (autouse: ROUTEC_BACKEN
 
 SMALL = dict(img=32, dims=[8, 8, 16, 16], heads=[1, 1, 2, 2], ratios=[2, 2, 2, 2], stages=2, classes=5)
 
+
 class RefBlock(nn.Module):
     """Pre-norm Transformer block on one token set [1, n, d]."""
 
