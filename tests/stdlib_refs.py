@@ -54,6 +54,19 @@ class TimmMlp(nn.Module):
         return self.fc2(F.gelu(self.fc1(x)))
 
 
+class RMSNorm(nn.Module):
+    """Root-mean-square norm, weight · x / √(mean(x²) + eps): no mean subtraction, no bias (T5LayerNorm,
+    LlamaRMSNorm, MixtralRMSNorm, Mamba's RMSNorm)."""
+
+    def __init__(self, d, eps=1e-5):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(d))
+        self.eps = eps
+
+    def forward(self, x):
+        return self.weight * x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+
+
 def canonical_state(net: nn.Module) -> dict[str, torch.Tensor]:
     """The routec module's tensors under their spec names. A `route … to { … }` keeps its branches' modules
     also under `route_<gate>.branches.<n>.<spec name>`: those entries must alias the spec-named tensors."""
@@ -93,6 +106,13 @@ def load_routec_state(
     ref.load_state_dict(state, strict=True)
 
 
+def expert_linears(prefix: str, leaf: str, value: torch.Tensor) -> dict[str, torch.Tensor]:
+    """routec's stacked expert MLP tensor `experts.<leaf>` (w1 [E, d, h], b1 [E, h], w2 [E, h, d], b2 [E, d]) as
+    the reference's per-expert Linear entries `<prefix>.<e>.fc1|fc2.weight|bias` (Linear weights are [out, in])."""
+    fc, kind = {"w1": ("fc1", "weight"), "b1": ("fc1", "bias"), "w2": ("fc2", "weight"), "b2": ("fc2", "bias")}[leaf]
+    return {f"{prefix}.{e}.{fc}.{kind}": (value[e].T if kind == "weight" else value[e]) for e in range(value.shape[0])}
+
+
 def copy_parameters(ref: nn.Module, net: nn.Module, names: Mapping[str, str], reshape: bool = False) -> None:
     """Copy routec's parameters into the reference by an explicit {routec name: reference name} map that must
     cover every parameter on both sides, one to one. Shapes must agree (with `reshape`, only sizes: the routec
@@ -120,6 +140,11 @@ def randomise_running_stats(net: nn.Module, mean_std: float, var_range: tuple[fl
                 b.normal_(0.0, mean_std)
             elif name.endswith("running_var"):
                 b.uniform_(*var_range)
+
+
+def next_token_loss(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """The language-model loss: cross-entropy of the logits at t [B, T, V] against the token at t + 1."""
+    return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
 
 
 def tensor_out(out):
