@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from stdlib_refs import (TimmAttention, TimmMlp, assert_every_parameter_trained, assert_same_topk, canonical_state,
-                         capture, load_routec_state, tensor_out)
+                         capture, expert_linears, load_routec_state, tensor_out)
 from stdlib_refs import reference_backend  # noqa: F401  (autouse: ROUTEC_BACKEND=reference)
 
 SMALL = dict(img=32, patch=16, d=32, depth=4, heads=2, mlp_ratio=2, experts=6, k=2, moe_mlp_ratio=1)
@@ -126,13 +126,7 @@ def routec_to_reference(name: str, value: torch.Tensor) -> dict[str, torch.Tenso
         return {f"{blk}.mlp.gate.{TASKS.index(m[1])}.w_gate": value.T}
     m = re.fullmatch(r"experts\.(w1|b1|w2|b2)", rest)
     if m:
-        fc, kind = {
-            "w1": ("fc1", "weight"), "b1": ("fc1", "bias"), "w2": ("fc2", "weight"), "b2": ("fc2", "bias")
-        }[m[1]]
-        return {
-            f"{blk}.mlp.experts.{e}.{fc}.{kind}": (value[e].T if kind == "weight" else value[e])
-            for e in range(value.shape[0])
-        }
+        return expert_linears(f"{blk}.mlp.experts", m[1], value)
     raise AssertionError(f"unmapped routec parameter {name}")
 
 
