@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from stdlib_refs import TimmMlp, assert_every_parameter_trained, capture, load_routec_state
+from stdlib_refs import TimmMlp, assert_every_parameter_trained, capture, expert_linears, load_routec_state
 from stdlib_refs import reference_backend  # noqa: F401  (autouse: ROUTEC_BACKEND=reference)
 
 SMALL = dict(img=32, frames=4, d=32, depth=3, heads=2, moe_from=1)  # 2·2·2 = 8 tokens per video
@@ -170,13 +170,7 @@ def routec_to_reference(name: str, value: torch.Tensor) -> dict[str, torch.Tenso
                 f"{blk}.moe_layer.router.noise_linear.bias": torch.zeros(value.shape[1])}
     m = re.fullmatch(r"experts\.(w1|b1|w2|b2)", rest)
     if m:
-        fc, kind = {
-            "w1": ("fc1", "weight"), "b1": ("fc1", "bias"), "w2": ("fc2", "weight"), "b2": ("fc2", "bias")
-        }[m[1]]
-        return {
-            f"{blk}.moe_layer.experts.{e}.{fc}.{kind}": (value[e].T if kind == "weight" else value[e])
-            for e in range(value.shape[0])
-        }
+        return expert_linears(f"{blk}.moe_layer.experts", m[1], value)
     raise AssertionError(f"unmapped routec parameter {name}")
 
 
