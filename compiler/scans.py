@@ -720,8 +720,9 @@ def lower_routed_linear(el: Elaborator, scope: Scope, seq: Tensor, h0: Tensor, r
     node = el.call_function(ops.multi_route_linear_scan, (a_f, b_f, route_rows(el, perm, reverse)),
                             {"weights": None})
     el.stats.append(("scan", h, node))
-    position = el.call_function(operator.getitem, (perm, 0 if reverse else -1))  # the last position visited
-    last = el.call_function(operator.getitem, (node, (slice(None), position)))
+    position = el.call_function(operator.getitem, (perm, slice(0, 1) if reverse else slice(-1, None)))
+    last = el.call_function(torch.index_select, (node, 1, position))  # [B, 1, n] at the last position visited
+    last = el.call_function(operator.getitem, (last, (slice(None), 0)))
     out = {h: Tensor(last, h0.shape)}
     for e in emits:
         out[e.name] = Tensor(node, full)

@@ -484,3 +484,15 @@ def test_fake_lif_no_surrogate_shapes():
         x = torch.empty(2, 7, 5)
         s, v = torch.ops.routec.lif_scan(x, torch.empty(5), 1.0, "zero", None, "none")
     assert s.shape == (2, 7, 5) and v.shape == (2, 7, 5)
+
+
+def test_fused_model_compiles_fullgraph(monkeypatch, reference_backend):
+    """The fused lowerings trace without graph breaks (the final state of a permuted scan is read with
+    index_select, not with a data-dependent index)."""
+    monkeypatch.setenv("ROUTEC_SCAN_FUSION", "1")
+    m = compile_source(ROUTED_LINEAR.format(order='reverse order route_table("snake", 2, 3)'), "fusion_test.route")
+    x = torch.randn(2, 6, 3)
+    eager = m(x)
+    compiled = torch.compile(m, backend="aot_eager", fullgraph=True)(x)
+    for a, b in zip(eager, compiled):
+        torch.testing.assert_close(a, b)
