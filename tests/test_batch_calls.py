@@ -217,6 +217,31 @@ model N(d: int = 8) {
     assert_same(plain, merged, [torch.randn(2, 6, 8)])
 
 
+def test_crosswise_groups_are_rechecked_after_each_merge():
+    """p(y) and p(q(x)) are independent, and so are q(x) and q(p(y)); but once the p calls are one call on
+    [y; q(x)], q(p(y)) depends on q(x) through it: merging the q calls too would make a cycle. The pass
+    merges one group at a time and recomputes the groups, so only the p calls merge."""
+    text = """
+model M(d: int = 8) {
+    in x: [B, L, d]
+    in y: [B, L, d]
+    p = Linear(d, d)
+    q = Linear(d, d)
+    a = p(y)
+    u = q(x)
+    b = p(u)
+    c = q(a)
+    out b + c
+}
+"""
+    plain, merged = pair_model(text, "M")
+    assert len(find_groups(plain.graph_module)) == 2  # both pairs look mergeable on the original graph
+    assert count_calls(merged.graph_module, "p") == 1
+    assert count_calls(merged.graph_module, "q") == 2
+    merged.graph.lint()
+    assert_same(plain, merged, [torch.randn(2, 3, 8), torch.randn(2, 3, 8)])
+
+
 def pair_model(text: str, model: str, **params):
     plain = elaborate("<t>", text, params, model=model)
     merged = elaborate("<t>", text, params, model=model)

@@ -161,53 +161,51 @@ def _signature(gm: fx.GraphModule, node: fx.Node) -> Optional[tuple]:
     return rest
 
 
-def _reaches(start: fx.Node, goal: fx.Node, order: dict[fx.Node, int]) -> bool:
-    """Whether `goal` is an ancestor of `start` (only nodes after `goal` can lie on such a path)."""
-    low = order[goal]
-    stack = [start]
-    seen: set[fx.Node] = set()
-    while stack:
-        n = stack.pop()
-        for inp in n.all_input_nodes:
-            if inp is goal:
-                return True
-            if order[inp] > low and inp not in seen:
-                seen.add(inp)
-                stack.append(inp)
-    return False
+def _upstream_calls(graph: fx.Graph, calls: list[fx.Node]) -> dict[fx.Node, int]:
+    """For each of `calls`, a bit set (bit i: `calls[i]`) of the calls among them it reaches through its
+    inputs — one pass over the graph in topological order."""
+    bit = {c: 1 << i for i, c in enumerate(calls)}
+    above: dict[fx.Node, int] = {}
+    for node in graph.nodes:
+        mask = 0
+        for inp in node.all_input_nodes:
+            mask |= above.get(inp, 0) | bit.get(inp, 0)
+        if mask:
+            above[node] = mask
+    return {c: above.get(c, 0) for c in calls}
 
 
-def _groups_of(gm: fx.GraphModule, calls: list[fx.Node], order: dict[fx.Node, int]) -> list[list[fx.Node]]:
-    """Greedy partition of one module's calls (graph order) into mutually independent groups of one
-    signature; only groups of two calls or more."""
-    groups: list[tuple[tuple, list[fx.Node]]] = []
-    for call in calls:
-        sig = _signature(gm, call)
-        if sig is None:
-            continue
-        for key, members in groups:
-            if key == sig and not any(_reaches(call, m, order) for m in members):
-                members.append(call)  # members come earlier in graph order: they cannot reach `call`
+def _groups_of(calls: list[tuple[fx.Node, tuple]], above: dict[fx.Node, int],
+               bit: dict[fx.Node, int]) -> list[list[fx.Node]]:
+    """Greedy partition of one module's calls (graph order, with their signatures) into mutually independent
+    groups of one signature; only groups of two calls or more. Members come earlier in graph order than a
+    joining call, so they cannot reach it; the call must not reach them."""
+    groups: list[tuple[tuple, int, list[fx.Node]]] = []
+    for call, sig in calls:
+        for k, (key, mask, members) in enumerate(groups):
+            if key == sig and not above[call] & mask:
+                members.append(call)
+                groups[k] = (key, mask | bit[call], members)
                 break
         else:
-            groups.append((sig, [call]))
-    return [members for _, members in groups if len(members) > 1]
-
-
-def _calls_by_module(gm: fx.GraphModule) -> list[list[fx.Node]]:
-    """`call_module` nodes per module object (in order of first call), for modules called twice or more."""
-    by: dict[int, list[fx.Node]] = {}
-    for node in gm.graph.nodes:
-        if node.op == "call_module":
-            assert isinstance(node.target, str)
-            by.setdefault(id(gm.get_submodule(node.target)), []).append(node)
-    return [calls for calls in by.values() if len(calls) > 1]
+            groups.append((sig, bit[call], [call]))
+    return [members for _, _, members in groups if len(members) > 1]
 
 
 def find_groups(gm: fx.GraphModule) -> list[list[fx.Node]]:
-    """The groups `batch_graph` would merge first (each: calls of one module, in graph order)."""
-    order = {n: i for i, n in enumerate(gm.graph.nodes)}
-    return [g for calls in _calls_by_module(gm) for g in _groups_of(gm, calls, order)]
+    """The groups `batch_graph` would merge first (each: calls of one module object, in graph order)."""
+    by: dict[int, list[tuple[fx.Node, tuple]]] = {}
+    for node in gm.graph.nodes:
+        if node.op == "call_module":
+            sig = _signature(gm, node)
+            if sig is not None:
+                assert isinstance(node.target, str)
+                by.setdefault(id(gm.get_submodule(node.target)), []).append((node, sig))
+    shared = [calls for calls in by.values() if len(calls) > 1]
+    candidates = [c for calls in shared for c, _ in calls]
+    above = _upstream_calls(gm.graph, candidates)
+    bit = {c: 1 << i for i, c in enumerate(candidates)}
+    return [g for calls in shared for g in _groups_of(calls, above, bit)]
 
 
 def _stacked(graph: fx.Graph, parts: list[fx.Node]) -> Optional[fx.Node]:
