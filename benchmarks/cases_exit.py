@@ -14,6 +14,13 @@ End to end (DESIGN §6 anchor): 12 residual MLP blocks (d1024, hidden 4096), B81
                        (layer, capacity) and replayed: possible only because nothing syncs, and needed
                        because at this size the eager routec path is bound by Python launch overhead
                        (measured on an H100: GPU busy ~3.2 ms of a ~10 ms call).
+    routec compiled    the same model written as a .route spec (`EXIT_NET` below) and built by
+                       routec.compiler, weights copied from the hand-written net, run in eval mode: the
+                       compiler's ExitPoint/ExitFinal (sync-free: a LiveBound capacity, bucketed
+                       `compact` + `gather_rows` or masked by `should_compact`, `exit_merge`). Its rule
+                       reads the sampled exit block (an input), so its heads are plain Linears: a
+                       `confidence(head) >= t` rule would be fused into `linear_exit`, but would not
+                       follow the fixed profile every variant shares.
 The exit decisions follow a fixed sampled profile (each sample's exit block is geometric with rate 6%,
 the same for every variant) rather than the heads' confidence, so that every variant does the same work
 whatever the random weights; the heads still run on the live rows at every block. The ideal time for
@@ -129,6 +136,45 @@ class _LaggedCount:
         while self.pending and self.pending[0][1].query():
             self.bound = int(self.pending.pop(0)[0])
         return self.bound
+
+
+EXIT_NET = """
+model ExitNet(d: int, hidden: int, classes: int, depth: int) {
+    in x: [B, d]
+    in exit_layer: [B] long
+    h = x
+    repeat i in depth {
+        h = h + (h -> Linear(d, hidden, bias=false) -> gelu -> Linear(hidden, d, bias=false))
+        exit head[i] = h -> Linear(d, classes) when exit_layer <= i
+    }
+}
+"""
+
+
+def _compiled_exit(net, x, exit_layer):
+    """The .route version of `net` (weights copied), in eval mode, checked against eager compaction."""
+    from routec.compiler import compile_source
+
+    model = compile_source(EXIT_NET, "exit_net.route", d=net.d, hidden=net.hidden, classes=net.classes,
+                           depth=net.depth, device=x.device)
+    state = {}
+    for i in range(net.depth):
+        state[f"layers.{i}.linear.weight"] = net.w1[i]
+        state[f"layers.{i}.linear_1.weight"] = net.w2[i]
+        state[f"layers.{i}.head.linear.weight"] = net.head_w[i]
+        state[f"layers.{i}.head.linear.bias"] = net.head_b[i]
+    model.load_state_dict(state)
+    model = model.to(dtype=x.dtype).eval()
+
+    def run():
+        with torch.no_grad():
+            return model(x, exit_layer).out
+
+    got, want = run().float(), _eager_compaction(net, x, exit_layer).float()
+    err = ((got - want).abs().max() / want.abs().max().clamp_min(1e-6)).item()
+    if not err <= 2e-2:
+        raise RuntimeError(f"routec compiled differs from eager compaction: relative error {err:.2e}")
+    return run
 
 
 def _routec_exit(net, x, exit_layer):
@@ -304,6 +350,7 @@ def _end_to_end(device, small):
     }
     unavailable = {}
     optional_impl(impls, unavailable, "routec + CUDA graphs", lambda: _checked_graphs(net, x, exit_layer, device))
+    optional_impl(impls, unavailable, "routec compiled", lambda: _compiled_exit(net, x, exit_layer))
     weight_bytes = sum(t.numel() * t.element_size() for t in net.w1 + net.w2 + net.head_w)
     return Case(
         name=f"early_exit_B{s['batch']}_d{s['d']}_x{s['depth']}",
