@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from stdlib_refs import assert_every_parameter_trained, copy_parameters
+from stdlib_refs import assert_every_parameter_trained, copy_parameters, next_token_loss
 from stdlib_refs import reference_backend  # noqa: F401  (autouse: ROUTEC_BACKEND=reference)
 
 SMALL = dict(vocab=50, context=16, d=16, depth=2, slots=8, kernel=3, dropout=0.1)
@@ -181,7 +181,7 @@ def test_model_train_step():
     ids = torch.randint(0, SMALL["vocab"], (2, 11))
     logits = net(ids)
     torch.testing.assert_close(logits, ref(ids), rtol=1e-5, atol=1e-5)
-    loss = F.cross_entropy(logits[:, :-1].reshape(-1, SMALL["vocab"]), ids[:, 1:].reshape(-1))
+    loss = next_token_loss(logits, ids)
     loss.backward()
     assert torch.isfinite(loss)
     assert_every_parameter_trained(net)
