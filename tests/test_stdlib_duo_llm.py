@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from stdlib_refs import assert_every_parameter_trained, capture, load_routec_state, tensor_out
+from stdlib_refs import assert_every_parameter_trained, capture, load_routec_state, next_token_loss, tensor_out
 from stdlib_refs import reference_backend  # noqa: F401  (autouse: ROUTEC_BACKEND=reference)
 
 SMALL = dict(vocab=50, context=16, d=32, layers=2, heads=2, small=16, big=128)
@@ -152,7 +152,7 @@ def test_train_step_gives_gradients():
     ids = torch.randint(0, SMALL["vocab"], (3, 13))
     logits = tensor_out(net(ids))
     torch.testing.assert_close(logits, ref(ids), atol=1e-5, rtol=1e-4)  # hard routes in training too
-    loss = F.cross_entropy(logits[:, :-1].reshape(-1, SMALL["vocab"]), ids[:, 1:].reshape(-1))
+    loss = next_token_loss(logits, ids)
     assert torch.isfinite(loss)
     loss.backward()
     assert_every_parameter_trained(net)
