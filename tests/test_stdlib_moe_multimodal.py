@@ -17,22 +17,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from stdlib_refs import assert_every_parameter_trained, assert_same_topk, canonical_state, capture, tensor_out
+from stdlib_refs import (RMSNorm, assert_every_parameter_trained, assert_same_topk, canonical_state, capture,
+                         next_token_loss, tensor_out)
 from stdlib_refs import reference_backend  # noqa: F401  (autouse: ROUTEC_BACKEND=reference)
 
 
 SMALL = dict(d=16, layers=2, heads=2, hidden=24, text_vocab=30, image_vocab=10, rank=2, alpha=4.0)
 EXPERTS = 8
-
-
-class RMSNorm(nn.Module):
-    def __init__(self, d, eps=1e-5):
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(d))
-        self.eps = eps
-
-    def forward(self, x):
-        return self.weight * x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
 
 
 class PLoRAProj(nn.Module):
@@ -253,9 +244,8 @@ def check_train(plora: bool):
     net.train(), ref.train()
     ids = mixed_ids(4, 8)
     out = net(ids)
-    loss = F.cross_entropy(tensor_out(out)[:, :-1].reshape(-1, tensor_out(out).shape[-1]), ids[:, 1:].reshape(-1))
-    ref_logits = ref(ids)
-    ref_loss = F.cross_entropy(ref_logits[:, :-1].reshape(-1, ref_logits.shape[-1]), ids[:, 1:].reshape(-1))
+    loss = next_token_loss(tensor_out(out), ids)
+    ref_loss = next_token_loss(ref(ids), ids)
     torch.testing.assert_close(loss, ref_loss, atol=1e-5, rtol=1e-4)
     aux = getattr(out, "aux_loss", None)
     total = loss + (0.01 * aux if aux is not None else 0.0)
