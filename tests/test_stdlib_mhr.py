@@ -9,13 +9,14 @@ T5LayerNorm, gelu_new). The reference omits the relative position bias and the d
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 
 import torch
 from torch import nn
 
-from stdlib_refs import assert_every_parameter_trained
+from stdlib_refs import RMSNorm, assert_every_parameter_trained
 from stdlib_refs import reference_backend  # noqa: F401  (autouse: ROUTEC_BACKEND=reference)
 
 SMALL = dict(vocab=50, d=16, layers=2, heads=2, d_kv=8, d_ff=24, tasks=3, skills=4, splits=2, rank=2, alpha=2.0)
@@ -50,14 +51,7 @@ class PolyLoRALinear(nn.Module):
         return self.layer(x) + torch.bmm(torch.bmm(x, a), b) * self.scaling
 
 
-class T5LayerNorm(nn.Module):
-    def __init__(self, d, eps=1e-6):
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(d))
-        self.eps = eps
-
-    def forward(self, x):
-        return self.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps))
+T5LayerNorm = functools.partial(RMSNorm, eps=1e-6)  # weight · x / √(mean(x²) + 1e-6): no mean, no bias
 
 
 def gelu_new(x):
