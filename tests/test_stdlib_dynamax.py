@@ -12,21 +12,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from stdlib_refs import copy_parameters
+from stdlib_refs import RMSNorm, copy_parameters
 from stdlib_refs import reference_backend  # noqa: F401  (autouse: ROUTEC_BACKEND=reference)
 
 SMALL = dict(vocab=23, d=16, depth=4, inner=32, state=4, exit_from=1)
 KINDS = ["linear", "ffn", "mamba"]
-
-
-class RefRMSNorm(nn.Module):
-    def __init__(self, d, eps=1e-5):
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(d))
-
-    def forward(self, x):
-        return self.weight * x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
 
 
 class RefMamba(nn.Module):
@@ -81,11 +71,11 @@ class RefDynamax(nn.Module):
     def __init__(self, vocab, d, depth, inner, state, exit_from, clf):
         super().__init__()
         self.embed = nn.Embedding(vocab, d)
-        self.norms = nn.ModuleList(RefRMSNorm(d) for _ in range(depth))
+        self.norms = nn.ModuleList(RMSNorm(d) for _ in range(depth))
         self.mixers = nn.ModuleList(RefMamba(d, inner, state) for _ in range(depth))
         self.exit_layers = list(range(exit_from, depth - 1))
         self.clfs = nn.ModuleList(RefClassifier(d, inner, state, clf) for _ in self.exit_layers)
-        self.norm_f = RefRMSNorm(d)
+        self.norm_f = RMSNorm(d)
         self.lm_head = nn.Linear(d, vocab, bias=False)
 
     def forward(self, ids):
@@ -148,7 +138,7 @@ def pair(kind, tau):
 def test_reference_rmsnorm_and_decode_by_hand():
     torch.manual_seed(0)
     x = torch.randn(3, 5)
-    torch.testing.assert_close(RefRMSNorm(5)(x), x / torch.sqrt((x * x).mean(-1, keepdim=True) + 1e-5))
+    torch.testing.assert_close(RMSNorm(5)(x), x / torch.sqrt((x * x).mean(-1, keepdim=True) + 1e-5))
     logits = torch.arange(3 * 2 * 4.0).reshape(3, 2, 4)
     conf = torch.tensor([[0.2, 0.95], [0.91, 0.1]])  # 2 exits, 2 sequences
     out, index = decode(logits, conf, 0.9)
