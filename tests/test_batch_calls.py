@@ -242,6 +242,27 @@ model M(d: int = 8) {
     assert_same(plain, merged, [torch.randn(2, 3, 8), torch.randn(2, 3, 8)])
 
 
+def test_no_merge_that_would_reorder_random_draws():
+    """The merged call goes after the latest input (here the second shuffle); the first call's user, a random
+    shuffle, would have to move after the second shuffle, and the same seed would draw other permutations.
+    Such a merge is refused; with a deterministic user (flip) it goes ahead and the output is unchanged."""
+    text = """
+model M(d: int = 8) {
+    in x: [B, L, d]
+    mixer = Linear(d, d)
+    s = mixer(x) -> permute(1, random)
+    b = x -> permute(1, random)
+    out s * 2.0 + mixer(b)
+}
+"""
+    plain = elaborate("<t>", text, {})
+    assert find_groups(plain.graph_module) == []
+    assert batch_module(plain) == 0
+    plain, merged = pair_model(text.replace("s = mixer(x) -> permute(1, random)", "s = mixer(x) -> flip(1)"), "M")
+    assert count_calls(merged.graph_module, "mixer") == 1
+    assert_same(plain, merged, [torch.randn(2, 5, 8)])
+
+
 def pair_model(text: str, model: str, **params):
     plain = elaborate("<t>", text, params, model=model)
     merged = elaborate("<t>", text, params, model=model)

@@ -205,7 +205,40 @@ def find_groups(gm: fx.GraphModule) -> list[list[fx.Node]]:
     candidates = [c for calls in shared for c, _ in calls]
     above = _upstream_calls(gm.graph, candidates)
     bit = {c: 1 << i for i, c in enumerate(candidates)}
-    return [g for calls in shared for g in _groups_of(calls, above, bit)]
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    return [g for calls in shared for g in _groups_of(calls, above, bit) if not _moves_random(gm, g, order)]
+
+
+# Words in the names of functions that draw random numbers (token_shuffle, randperm, dropout, gumbel, …).
+RANDOM_WORDS = ("rand", "shuffle", "dropout", "bernoulli", "multinomial", "normal", "gumbel", "noise", "sample",
+                "uniform", "poisson", "param_init")
+
+
+def _draws_nothing(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """Conservatively: `node` draws no random numbers (a per-sample layer, or a function or method whose
+    name says nothing random); other modules (gates, path combines, scan loops, …) may."""
+    if node.op == "call_module":
+        assert isinstance(node.target, str)
+        return per_sample(gm.get_submodule(node.target))
+    if node.op in ("call_function", "call_method"):
+        name = str(getattr(node.target, "__name__", node.target)).lower()
+        return not any(word in name for word in RANDOM_WORDS)
+    return True
+
+
+def _moves_random(gm: fx.GraphModule, group: list[fx.Node], order: dict[fx.Node, int]) -> bool:
+    """Whether merging `group` would move a random op past others: the merged call goes after the group's
+    latest input, so the users of a call that come before that point move after it; if one of them may draw
+    random numbers, the draws would come in another order (same seed, different numbers)."""
+    anchor = max(order[a] for call in group for a in call.all_input_nodes)
+    stack = [c for c in group if order[c] < anchor]
+    moved: set[fx.Node] = set()
+    while stack:
+        for user in stack.pop().users:
+            if order[user] < anchor and user not in moved:
+                moved.add(user)
+                stack.append(user)
+    return not all(_draws_nothing(gm, n) for n in moved)
 
 
 def _stacked(graph: fx.Graph, parts: list[fx.Node]) -> Optional[fx.Node]:
