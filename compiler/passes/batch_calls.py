@@ -23,10 +23,12 @@ Guarantees: a group of calls is merged only when
     whitelisted composite (`BLOCKS`) whose submodules are all per-sample; nothing random or
     mode-dependent — BatchNorm (batch statistics in training), Dropout with p > 0 and attention dropout are
     refused, so the merged graph is exact in training and eval alike;
-  * a module returning a tuple (`LSTMCell`) is only merged when every user takes an element by int index.
+  * a module returning a tuple (`LSTMCell`) is only merged when every user takes an element by int index;
+  * no user of a call that must move after the merged call may draw random numbers (`_moves_random`).
 The merged call is placed right after the last of the group's inputs; the graph is then re-sorted
-topologically keeping the original order wherever it is valid (random ops keep their relative order, so
-the same seed draws the same shuffles). Its outputs are `torch.split` along dim 0 with each call's batch
+topologically keeping the original order wherever it is valid: only users of the calls that came before
+that point move, none of them random, so random ops keep their order and the same seed draws the same
+shuffles. Its outputs are `torch.split` along dim 0 with each call's batch
 read at run time (`runtime.batch_dim`), so calls of different batch sizes merge too. When argument k of
 the group is exactly the pieces of an earlier merge, in order, the earlier merged tensor is used without a
 `cat` (a block called twice merges layer after layer without re-stacking).
