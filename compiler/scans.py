@@ -212,7 +212,7 @@ class FlatBody(NamedTuple):
 # evaluated twice)
 RANDOM_FUNCTIONS = {"dropout", "rand", "randn", "rand_like", "randn_like", "bernoulli", "multinomial", "random"}
 INLINE_NODES = (ast.Name, ast.Int, ast.Float, ast.Bool, ast.Str, ast.Attribute, ast.BinOp, ast.UnaryOp, ast.Call,
-                ast.Keyword, ast.Index, ast.Slice, ast.EllipsisIndex, ast.ListExpr, ast.TupleExpr)
+                ast.Keyword, ast.Index, ast.Slice, ast.EllipsisIndex, ast.ListExpr, ast.TupleExpr, ast.Pipe)
 
 
 def inlinable(e: ast.Expr) -> bool:
@@ -225,6 +225,8 @@ def inlinable(e: ast.Expr) -> bool:
             return False
         if isinstance(n, ast.Call) and not (isinstance(n.func, ast.Name) and n.func.id[:1].islower()):
             return False
+        if isinstance(n, ast.Pipe) and isinstance(n.right, ast.Name) and not n.right.id[:1].islower():
+            return False  # `x -> LayerNorm`: a layer built here
     return True
 
 
@@ -347,8 +349,12 @@ def step_safe(e: ast.Expr, scope: Scope, states: tuple) -> bool:
     combined by arithmetic and elementwise functions only."""
     stepped = {id(n.value) for n in ast.walk(e) if isinstance(n, ast.Attribute) and n.attr == "t"}
     called = {id(n.func) for n in ast.walk(e) if isinstance(n, ast.Call)}
+    called |= {id(n.right) for n in ast.walk(e) if isinstance(n, ast.Pipe)}
     for n in ast.walk(e):
-        if isinstance(n, ast.Attribute):
+        if isinstance(n, ast.Pipe):  # `x.t -> softplus`
+            if not (isinstance(n.right, ast.Name) and n.right.id in ELEMENTWISE):
+                return False
+        elif isinstance(n, ast.Attribute):
             if n.attr != "t" or not isinstance(n.value, ast.Name):
                 return False
         elif isinstance(n, ast.Call):

@@ -141,6 +141,29 @@ def test_selective_commuted_forms_several_emits_and_final_state(monkeypatch, ref
     assert check_same(fused, loop, u) >= 6
 
 
+S6_PIPE = """
+model SelPipe(d: int = 3, state: int = 2) {
+    in u: [B, L, d]
+    param A: [d, state] = uniform(-1.0, -0.2)
+    raw = u -> Linear(d, d)
+    Bm = u -> Linear(d, state)
+    scan h over u.T reverse init zeros([B, d, state]) {
+        dt = raw.t -> softplus
+        drive = unsqueeze(dt * u.t, -1)
+        h = drive * unsqueeze(Bm.t, 1) + exp(unsqueeze(dt, -1) * A) * h
+        emit y = sum(h * unsqueeze(Bm.t, 1), -1)
+    }
+    out y
+}
+"""
+
+
+def test_selective_pipe_locals_reverse_no_skip(monkeypatch, reference_backend):
+    fused, loop = pair(monkeypatch, S6_PIPE)
+    assert fused_ops(fused) == ["selective_scan"]
+    assert check_same(fused, loop, torch.randn(3, 4, 3, dtype=torch.float64)) >= 4
+
+
 def test_selective_final_state_is_dead_code_when_unused(monkeypatch, reference_backend):
     fused, _ = pair(monkeypatch, S6.format(order=""))
     names = [getattr(n.target, "__name__", "") for n in fused.graph_module.graph.nodes]
@@ -272,6 +295,13 @@ NEAR_MISSES = {
     scan v over z.T init zeros([B, c]) {
         u = v + z.t
         u = u * 0.5
+        s = 1.0 * (u >= 1.0)
+        v = u - s
+        emit spikes = s
+    }""",
+    "local_builds_a_layer": """
+    scan v over z.T init zeros([B, c]) {
+        u = v + (z.t -> LayerNorm(c))
         s = 1.0 * (u >= 1.0)
         v = u - s
         emit spikes = s
