@@ -169,11 +169,16 @@ def try_fused(el: Elaborator, s: ast.Scan, scope: Scope, seq: Tensor, inits: lis
     if perm is not None:
         return lower_routed_linear(el, scope, seq, h0, reverse, prefix, perm, expr, h, emits)
     full = seq.shape[:2] + tuple(h0.shape[1:])
+    leaky = match_leaky(expr, h)
+    linear = match_linear(expr, h)
+    if flat.inlined:  # inlined locals: only per-step expressions known to compute every step at once
+        if leaky is not None and not all(step_safe(e, scope, s.states) for e in (leaky[2], leaky[3])):
+            leaky = None
+        if linear is not None and not all(step_safe(e, scope, s.states) for e in linear):
+            linear = None
     frame = ScanFrame("full")
     el.scan_frames.append(frame)
     try:
-        leaky = match_leaky(expr, h)
-        linear = match_linear(expr, h)
         if leaky is not None and not reverse:
             node = lower_leaky(el, scope, seq, h0, prefix, *leaky)
         elif linear is not None:
@@ -206,6 +211,7 @@ class FlatBody(NamedTuple):
 
     updates: dict[str, tuple[ast.Assign, ast.Expr]]
     emits: list[tuple[ast.Emit, ast.Expr]]
+    inlined: bool  # whether the body had locals
 
 
 # calls that give a different value each time they run: a local using them is never inlined (it could be
@@ -286,7 +292,7 @@ def flatten_body(s: ast.Scan) -> Optional[FlatBody]:
         elif not inlinable(stmt.value):
             return None
         env[name] = value
-    return FlatBody(updates, emits)
+    return FlatBody(updates, emits, any(name not in s.states for name in env))
 
 
 def same(a: Any, b: Any) -> bool:
@@ -717,6 +723,8 @@ def lower_routed_linear(el: Elaborator, scope: Scope, seq: Tensor, h0: Tensor, r
     gathers and scatters happen in the kernel's loads and stores."""
     linear = match_linear(expr, h)
     if linear is None or len(h0.shape) != 2 or h0.node.target is not runtime.zeros_batch:
+        return None
+    if not all(step_safe(e, scope, (h,)) for e in linear):
         return None
     full = tuple(seq.shape[:2]) + (h0.shape[1],)
     a_expr, b_expr = linear

@@ -306,6 +306,11 @@ NEAR_MISSES = {
         v = u - s
         emit spikes = s
     }""",
+    "local_not_elementwise": """
+    scan spikes over z.T init zeros([B, c]) {
+        a_t = sum(g.t, 1, keepdim=true)
+        spikes = a_t * spikes + z.t
+    }""",
     "selective_different_dt": """
     scan h over z.T init zeros([B, c, 2]) {
         h = exp(unsqueeze(z.t, -1) * A) * h + unsqueeze(g.t * g.t, -1) * unsqueeze(Bm.t, 1)
