@@ -9,9 +9,11 @@ A plain module (conftest.py puts tests/ on sys.path): `from stdlib_refs import T
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Callable, Iterable, Mapping
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -23,6 +25,23 @@ def reference_backend(monkeypatch):
     """Autouse in every module that imports it: the stdlib tests compare models, not kernels, so routec's ops
     run their PyTorch references (ROUTEC_BACKEND=reference)."""
     monkeypatch.setenv("ROUTEC_BACKEND", "reference")
+
+
+def sinusoid_table(n_position: int, d_hid: int) -> torch.Tensor:
+    """get_sinusoid_encoding_table (VideoMAE, T2T-ViT), in float64 then float32 [1, n_position, d_hid]:
+    angle(pos, j) = pos / 10000^(2 (j // 2) / d); sin on even j, cos on odd j."""
+    table = np.array([[pos / np.power(10000, 2 * (j // 2) / d_hid) for j in range(d_hid)] for pos in range(n_position)])
+    table[:, 0::2] = np.sin(table[:, 0::2])
+    table[:, 1::2] = np.cos(table[:, 1::2])
+    return torch.tensor(table, dtype=torch.float32)[None]
+
+
+def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
+    """DiT's / ADM's timestep features [B, dim]: [cos(t·f), sin(t·f)] for f = 10000^(−i / (dim/2)), i < dim/2."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(10000) * torch.arange(half, dtype=torch.float32) / half)
+    args = t[:, None].float() * freqs[None]
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
 
 
 class TimmAttention(nn.Module):
