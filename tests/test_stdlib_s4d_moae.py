@@ -17,24 +17,16 @@ from __future__ import annotations
 
 import re
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from stdlib_refs import TimmMlp, assert_every_parameter_trained, capture, expert_linears, load_routec_state
+from stdlib_refs import (TimmMlp, assert_every_parameter_trained, capture, expert_linears, load_routec_state,
+                         sinusoid_table)
 from stdlib_refs import reference_backend  # noqa: F401  (autouse: ROUTEC_BACKEND=reference)
 
 SMALL = dict(img=32, frames=4, d=32, depth=3, heads=2, moe_from=1)  # 2·2·2 = 8 tokens per video
 E, K = 4, 2
-
-
-def sinusoid_table(n_position: int, d_hid: int) -> torch.Tensor:
-    """get_sinusoid_encoding_table: angle(pos, j) = pos / 10000^(2 (j // 2) / d); sin on even j, cos on odd j."""
-    table = np.array([[pos / np.power(10000, 2 * (j // 2) / d_hid) for j in range(d_hid)] for pos in range(n_position)])
-    table[:, 0::2] = np.sin(table[:, 0::2])
-    table[:, 1::2] = np.cos(table[:, 1::2])
-    return torch.tensor(table, dtype=torch.float32)[None]
 
 
 class RefAttention(nn.Module):
