@@ -21,19 +21,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from stdlib_refs import TimmAttention, load_routec_state
+from stdlib_refs import TimmAttention, load_routec_state, sinusoid_table
 from stdlib_refs import reference_backend  # noqa: F401  (autouse: ROUTEC_BACKEND=reference)
 
 SMALL = dict(img=32, d=32, depth=4, heads=2, classes=5)  # 4 patches + cls, 3 intermediate exits
-
-
-def sinusoid_encoding(n_position: int, d_hid: int) -> torch.Tensor:
-    table = torch.tensor(
-        [[pos / math.pow(10000, 2 * (j // 2) / d_hid) for j in range(d_hid)] for pos in range(n_position)]
-    )
-    table[:, 0::2] = torch.sin(table[:, 0::2])
-    table[:, 1::2] = torch.cos(table[:, 1::2])
-    return table[None]
 
 
 class RefBlock(nn.Module):
@@ -75,7 +66,7 @@ class RefJEIDNN(nn.Module):
         n = (img // patch) ** 2
         self.patch_embed = nn.Conv2d(3, d, patch, stride=patch)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, d))
-        self.register_buffer("pos_embed", sinusoid_encoding(n + 1, d))
+        self.register_buffer("pos_embed", sinusoid_table(n + 1, d))
         self.blocks = nn.ModuleList(RefBlock(d, heads, mlp_ratio) for _ in range(depth))
         self.norm = nn.LayerNorm(d)
         self.head = nn.Linear(d, classes)
