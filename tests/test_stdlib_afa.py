@@ -11,27 +11,19 @@ also compiled alone and verified, and the reference is checked on its own.
 
 from __future__ import annotations
 
-import math
 import re
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from stdlib_refs import assert_every_parameter_trained
+from stdlib_refs import assert_every_parameter_trained, timestep_embedding
 from stdlib_refs import reference_backend  # noqa: F401  (autouse: ROUTEC_BACKEND=reference)
 
 
 SMALL = dict(size=8, ch=8, groups=2, heads=2, ctx_dim=12, sabw=8, freq=8)
 MODELS = 3
 STAGES = ("conv_in", "down", "mid", "up1", "up0", "conv_out")
-
-
-def timestep_features(t, freq):
-    half = freq // 2
-    f = torch.exp(-math.log(10000) * torch.arange(half, dtype=torch.float32) / half)
-    args = t[:, None].float() * f[None]
-    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
 
 
 class Attn(nn.Module):
@@ -131,7 +123,7 @@ class RefAFA(nn.Module):
         self.sabw = nn.ModuleDict({s: SABW(widths[s], sabw, tdim, heads, ctx_dim) for s in STAGES})
 
     def forward(self, latent, t, prompt):
-        s = timestep_features(t, self.freq).to(latent.dtype)
+        s = timestep_embedding(t, self.freq).to(latent.dtype)
         tembs = [m.time_mlp(s) for m in self.models]
         tagg = self.time_agg(s)
         x, agg = latent, {}
@@ -172,7 +164,7 @@ def test_identical_models_reduce_to_one_denoiser():
     t, prompt = torch.tensor([5, 900]), torch.randn(2, 3, SMALL["ctx_dim"], dtype=torch.float64)
     with torch.no_grad():
         m = ref.models[0]
-        temb = m.time_mlp(timestep_features(t, SMALL["freq"]).double())
+        temb = m.time_mlp(timestep_embedding(t, SMALL["freq"]).double())
         h0 = m.block("conv_in", latent, temb, prompt)
         h1 = m.block("down", h0, temb, prompt)
         h2 = m.block("mid", h1, temb, prompt)
