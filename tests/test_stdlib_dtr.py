@@ -13,7 +13,6 @@ reference is checked on its own.
 
 from __future__ import annotations
 
-import math
 import re
 
 import numpy as np
@@ -21,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from stdlib_refs import TimmAttention, assert_every_parameter_trained, load_routec_state
+from stdlib_refs import TimmAttention, assert_every_parameter_trained, load_routec_state, timestep_embedding
 from stdlib_refs import reference_backend  # noqa: F401  (autouse: ROUTEC_BACKEND=reference)
 
 SMALL = dict(img=8, in_ch=4, patch=2, d=32, depth=2, heads=2, mlp_ratio=4, classes=5, tasks=50, freq=16)
@@ -84,16 +83,10 @@ class RefDTR(nn.Module):
         self.final_norm = nn.LayerNorm(d, elementwise_affine=False, eps=1e-6)
         self.final_linear = nn.Linear(d, patch * patch * self.out_ch)
 
-    def timestep_embedding(self, t):
-        half = self.freq // 2
-        freqs = torch.exp(-math.log(10000) * torch.arange(half, dtype=torch.float32) / half)
-        args = t[:, None].float() * freqs[None]
-        return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
-
     def forward(self, latent, t, y):
         active_mask = torch.index_select(self.unit_mapping, 0, t).unsqueeze(1)
         x = self.x_embedder(latent).flatten(2).transpose(1, 2) + self.pos_embed
-        c = self.t_mlp2(F.silu(self.t_mlp0(self.timestep_embedding(t)))) + self.y_embedder(y)
+        c = self.t_mlp2(F.silu(self.t_mlp0(timestep_embedding(t, self.freq)))) + self.y_embedder(y)
         for blk in self.blocks:
             x = blk(x, c, active_mask)
         shift, scale = self.final_adaLN(F.silu(c)).chunk(2, 1)
