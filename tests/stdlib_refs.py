@@ -86,6 +86,49 @@ class RMSNorm(nn.Module):
         return self.weight * x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
 
 
+class MambaMixer(nn.Module):
+    """The Mamba-1 mixer as in HF `MambaMixer.slow_forward` (a plain loop over time): [B, L, d] → [B, L, d]."""
+
+    def __init__(self, d: int, inner: int, state: int = 16, conv: int = 4):
+        super().__init__()
+        self.state = state
+        self.dt_rank = math.ceil(d / 16)
+        self.in_proj = nn.Linear(d, 2 * inner, bias=False)
+        self.conv1d = nn.Conv1d(inner, inner, conv, groups=inner, padding=conv - 1, bias=True)
+        self.x_proj = nn.Linear(inner, self.dt_rank + 2 * state, bias=False)
+        self.dt_proj = nn.Linear(self.dt_rank, inner, bias=True)
+        self.A_log = nn.Parameter(torch.log(torch.arange(1, state + 1, dtype=torch.float32)).repeat(inner, 1))
+        self.D = nn.Parameter(torch.ones(inner))
+        self.out_proj = nn.Linear(inner, d, bias=False)
+
+    def forward(self, hidden):  # [B, L, d]
+        L = hidden.shape[1]
+        gate_in, z = self.in_proj(hidden).transpose(1, 2).chunk(2, dim=1)  # [B, inner, L] each
+        u = F.silu(self.conv1d(gate_in)[..., :L])  # [B, inner, L]
+        params = self.x_proj(u.transpose(1, 2))  # [B, L, rank + 2N]
+        dt, Bm, Cm = torch.split(params, [self.dt_rank, self.state, self.state], dim=-1)
+        dt = F.softplus(self.dt_proj(dt)).transpose(1, 2)  # [B, inner, L]
+        A = -torch.exp(self.A_log)  # [inner, N]
+        h = hidden.new_zeros(hidden.shape[0], u.shape[1], self.state)  # [B, inner, N]
+        ys = []
+        for t in range(L):
+            dA = torch.exp(A[None] * dt[:, :, t, None])
+            dBu = dt[:, :, t, None] * Bm[:, None, t, :] * u[:, :, t, None]
+            h = dA * h + dBu
+            ys.append((h * Cm[:, None, t, :]).sum(-1))  # [B, inner]
+        y = torch.stack(ys, dim=-1) + u * self.D[None, :, None]  # [B, inner, L]
+        y = y * F.silu(z)
+        return self.out_proj(y.transpose(1, 2))
+
+
+def mamba_names(ours: str, theirs: str) -> dict[str, str]:
+    """The {routec name: reference name} entries of one Mamba mixer: routec's `<ours>.<p>` is `<theirs>.<p>` of
+    a MambaMixer."""
+    return {f"{ours}.{p}": f"{theirs}.{p}" for p in (
+        "in_proj.weight", "conv1d.weight", "conv1d.bias", "x_proj.weight", "dt_proj.weight", "dt_proj.bias", "A_log",
+        "D", "out_proj.weight")}
+
+
 def canonical_state(net: nn.Module) -> dict[str, torch.Tensor]:
     """The routec module's tensors under their spec names. A `route … to { … }` keeps its branches' modules
     also under `route_<gate>.branches.<n>.<spec name>`: those entries must alias the spec-named tensors."""
