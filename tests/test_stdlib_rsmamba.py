@@ -18,45 +18,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from stdlib_refs import assert_every_parameter_trained, copy_parameters, record_randperm
+from stdlib_refs import MambaMixer, assert_every_parameter_trained, copy_parameters, mamba_names, record_randperm
 from stdlib_refs import reference_backend  # noqa: F401  (autouse: ROUTEC_BACKEND=reference)
 
 SMALL = dict(d=16, depth=2, classes=5, img=32, inner=32)
-
-
-class RefMamba(nn.Module):
-    """The Mamba-1 mixer as in HF `MambaMixer.slow_forward`: [B, L, d] → [B, L, d]."""
-
-    def __init__(self, d: int, inner: int, state: int = 16, conv: int = 4):
-        super().__init__()
-        self.state = state
-        self.dt_rank = math.ceil(d / 16)
-        self.in_proj = nn.Linear(d, 2 * inner, bias=False)
-        self.conv1d = nn.Conv1d(inner, inner, conv, groups=inner, padding=conv - 1, bias=True)
-        self.x_proj = nn.Linear(inner, self.dt_rank + 2 * state, bias=False)
-        self.dt_proj = nn.Linear(self.dt_rank, inner, bias=True)
-        self.A_log = nn.Parameter(torch.log(torch.arange(1, state + 1, dtype=torch.float32)).repeat(inner, 1))
-        self.D = nn.Parameter(torch.ones(inner))
-        self.out_proj = nn.Linear(inner, d, bias=False)
-
-    def forward(self, hidden):  # [B, L, d]
-        L = hidden.shape[1]
-        gate_in, z = self.in_proj(hidden).transpose(1, 2).chunk(2, dim=1)  # [B, inner, L] each
-        u = F.silu(self.conv1d(gate_in)[..., :L])  # [B, inner, L]
-        params = self.x_proj(u.transpose(1, 2))  # [B, L, rank + 2N]
-        dt, Bm, Cm = torch.split(params, [self.dt_rank, self.state, self.state], dim=-1)
-        dt = F.softplus(self.dt_proj(dt)).transpose(1, 2)  # [B, inner, L]
-        A = -torch.exp(self.A_log)  # [inner, N]
-        h = hidden.new_zeros(hidden.shape[0], u.shape[1], self.state)  # [B, inner, N]
-        ys = []
-        for t in range(L):
-            dA = torch.exp(A[None] * dt[:, :, t, None])
-            dBu = dt[:, :, t, None] * Bm[:, None, t, :] * u[:, :, t, None]
-            h = dA * h + dBu
-            ys.append((h * Cm[:, None, t, :]).sum(-1))  # [B, inner]
-        y = torch.stack(ys, dim=-1) + u * self.D[None, :, None]  # [B, inner, L]
-        y = y * F.silu(z)
-        return self.out_proj(y.transpose(1, 2))
 
 
 class RefRSMambaLayer(nn.Module):
@@ -64,7 +29,7 @@ class RefRSMambaLayer(nn.Module):
 
     def __init__(self, d: int, inner: int):
         super().__init__()
-        self.mixer = RefMamba(d, inner)
+        self.mixer = MambaMixer(d, inner)
         self.gate = nn.Linear(3 * d, 3, bias=False)
 
     def forward(self, x, normed, perm):  # [B, L, d] twice, perm [L]
@@ -113,7 +78,7 @@ class RefRSMamba(nn.Module):
 def test_reference_mamba_matches_a_scalar_loop():
     """The reference mixer's vectorised recurrence against a per-channel, per-state scalar loop."""
     torch.manual_seed(0)
-    m = RefMamba(4, 6, state=3).double()
+    m = MambaMixer(4, 6, state=3).double()
     x = torch.randn(1, 5, 4, dtype=torch.float64)
     with torch.no_grad():
         out = m(x)
@@ -133,9 +98,7 @@ def test_reference_mamba_matches_a_scalar_loop():
         torch.testing.assert_close(out[0], m.out_proj(y.T))
 
 
-MIXER = ("in_proj.weight", "conv1d.weight", "conv1d.bias", "x_proj.weight", "dt_proj.weight", "dt_proj.bias",
-         "A_log", "D", "out_proj.weight")
-LAYER_MAP = {**{f"mixer.{k}": f"mixer.{k}" for k in MIXER}, "p.combine.linear.weight": "gate.weight"}
+LAYER_MAP = {**mamba_names("mixer", "mixer"), "p.combine.linear.weight": "gate.weight"}
 
 
 def model_map(depth: int) -> dict:
