@@ -5,45 +5,16 @@ last position of the second-half layers, confidence σ(clf(h_l)) ≥ τ, the tok
 head on the final RMSNorm. Eval: per sequence, the first layer whose confidence passes τ (else the last layer).
 """
 
-import math
-
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from stdlib_refs import RMSNorm, copy_parameters
+from stdlib_refs import MambaMixer, RMSNorm, copy_parameters, mamba_names
 from stdlib_refs import reference_backend  # noqa: F401  (autouse: ROUTEC_BACKEND=reference)
 
 SMALL = dict(vocab=23, d=16, depth=4, inner=32, state=4, exit_from=1)
 KINDS = ["linear", "ffn", "mamba"]
-
-
-class RefMamba(nn.Module):
-    def __init__(self, d, inner, state, conv=4):
-        super().__init__()
-        self.inner, self.state, self.rank = inner, state, math.ceil(d / 16)
-        self.in_proj = nn.Linear(d, 2 * inner, bias=False)
-        self.conv1d = nn.Conv1d(inner, inner, conv, groups=inner, padding=conv - 1)
-        self.x_proj = nn.Linear(inner, self.rank + 2 * state, bias=False)
-        self.dt_proj = nn.Linear(self.rank, inner)
-        self.A_log = nn.Parameter(torch.zeros(inner, state))
-        self.D = nn.Parameter(torch.ones(inner))
-        self.out_proj = nn.Linear(inner, d, bias=False)
-
-    def forward(self, x):  # [B, L, d]
-        L = x.shape[1]
-        xs, z = self.in_proj(x).chunk(2, -1)  # [B, L, inner]
-        u = F.silu(self.conv1d(xs.transpose(1, 2))[..., :L].transpose(1, 2))
-        dt, Bm, Cm = self.x_proj(u).split([self.rank, self.state, self.state], -1)
-        dt = F.softplus(self.dt_proj(dt))  # [B, L, inner]
-        A = -torch.exp(self.A_log)
-        h = x.new_zeros(x.shape[0], self.inner, self.state)
-        ys = []
-        for t in range(L):
-            h = torch.exp(dt[:, t, :, None] * A) * h + dt[:, t, :, None] * Bm[:, t, None, :] * u[:, t, :, None]
-            ys.append((h * Cm[:, t, None, :]).sum(-1) + self.D * u[:, t])
-        return self.out_proj(torch.stack(ys, 1) * F.silu(z))
 
 
 class RefClassifier(nn.Module):
@@ -55,7 +26,7 @@ class RefClassifier(nn.Module):
         elif kind == "ffn":
             self.fc1, self.fc2 = nn.Linear(d, 4 * d), nn.Linear(4 * d, 1)
         else:
-            self.mamba, self.fc = RefMamba(d, inner, state), nn.Linear(d, 1)
+            self.mamba, self.fc = MambaMixer(d, inner, state), nn.Linear(d, 1)
 
     def forward(self, h):  # h [B, L, d] → confidence [B]
         if self.kind == "linear":
@@ -72,7 +43,7 @@ class RefDynamax(nn.Module):
         super().__init__()
         self.embed = nn.Embedding(vocab, d)
         self.norms = nn.ModuleList(RMSNorm(d) for _ in range(depth))
-        self.mixers = nn.ModuleList(RefMamba(d, inner, state) for _ in range(depth))
+        self.mixers = nn.ModuleList(MambaMixer(d, inner, state) for _ in range(depth))
         self.exit_layers = list(range(exit_from, depth - 1))
         self.clfs = nn.ModuleList(RefClassifier(d, inner, state, clf) for _ in self.exit_layers)
         self.norm_f = RMSNorm(d)
@@ -99,12 +70,6 @@ def decode(logits, conf, tau):
         out.append(logits[e, b])
         index.append(e)
     return torch.stack(out), torch.tensor(index)
-
-
-def mamba_names(ours, theirs):
-    return {f"{ours}.{p}": f"{theirs}.{p}" for p in (
-        "A_log", "D", "in_proj.weight", "conv1d.weight", "conv1d.bias", "x_proj.weight", "dt_proj.weight",
-        "dt_proj.bias", "out_proj.weight")}
 
 
 def name_map(depth, exit_from, kind):
