@@ -1,6 +1,6 @@
-"""What the stdlib tests (tests/test_stdlib_*.py) share: the reference-backend fixture, the timm ViT parts
-several papers build on, and the test plumbing of "copy routec's weights into the reference, run both, check
-the training step".
+"""What the stdlib tests (tests/test_stdlib_*.py) share: the reference-backend fixture, the published building
+blocks several papers' code reuses (timm's ViT attention and MLP, RMSNorm, HF's Mamba mixer, sinusoid tables),
+and the plumbing of "copy routec's weights into the reference, run both, check the routing and the training step".
 
 Each test file keeps its paper's reference model next to the spec it checks; only what is the same in several
 of them lives here. Nothing here imports routec: the references stay independent of the code they verify.
