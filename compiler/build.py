@@ -309,6 +309,7 @@ def finish(el: Elaborator, d: ast.Definition) -> RoutedModule:
             aux = graph.call_function(operator.add, (aux, extra))
     scores = list(st.scores) if st is not None and any(x is not None for x in st.scores) else []
     graph.output((tuple(nodes), tuple(exits) + tuple(scores), aux))
+    el.prune_exit_live()  # exits stop packing batch tensors nothing reads after them
     gm = fx.GraphModule(el.root, graph, class_name=d.name)
     gm.graph.eliminate_dead_code()
     gm.recompile()

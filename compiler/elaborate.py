@@ -1765,6 +1765,33 @@ class Elaborator:
         st.index = self.call_function(_exit_index, (head, n))
         st.alive = self.call_function(_arange_like, (head, n))
 
+    def prune_exit_live(self) -> None:
+        """Stop packing what nothing reads: an exit packs every batch tensor in scope (`live_batch_values`),
+        but a tensor no later statement uses (the model's input, a finished branch) would be gathered at
+        every exit for nothing. Once the graph is complete, drop those from each ExitPoint's live tensors
+        (its argument 5 + j and output 4 + j), renumbering the outputs that stay."""
+        graph = self.root_graph()
+        for node in reversed(list(graph.nodes)):  # last exit first: what it drops may free an earlier one's
+            if node.op != "call_module" or not isinstance(self.lookup_module(str(node.target)), runtime.ExitPoint):
+                continue
+            users = list(node.users)
+            if not all(u.op == "call_function" and u.target is operator.getitem for u in users):
+                continue
+            outputs = {u.args[1]: u for u in users}
+            kept: list[tuple[int, Optional[fx.Node]]] = []
+            for j in range(len(node.args) - 5):
+                item = outputs.get(4 + j)
+                if item is not None and item.users:
+                    kept.append((j, item))
+                elif item is not None:
+                    graph.erase_node(item)
+            if len(kept) == len(node.args) - 5:
+                continue
+            node.args = tuple(node.args[:5]) + tuple(node.args[5 + j] for j, _ in kept)
+            for new_j, (_, item) in enumerate(kept):
+                assert item is not None
+                item.args = (node, 4 + new_j)
+
     def live_batch_values(self, scope: Scope, head: Tensor) -> list[tuple[str, Tensor]]:
         """Every tensor bound in the visible scopes that has the batch as its first dimension."""
         batch = head.shape[0]

@@ -517,3 +517,30 @@ def test_triton_backend_equals_reference_backend(monkeypatch, threshold):
         assert (want.exit_index == 2).all()
     else:
         assert len(set(want.exit_index.tolist())) >= 2
+
+
+# ------------------------------------------------------------------------- what the exits pack
+
+
+def _live_counts(net):
+    return [len(n.args) - 5 for n in net.graph.nodes
+            if n.op == "call_module" and isinstance(net.get_submodule(str(n.target)), runtime.ExitPoint)]
+
+
+def test_exits_pack_only_what_is_read_later():
+    net = load(ROOT / "examples" / "early_exit.route")
+    assert _live_counts(net) == [1, 1, 1, 0]  # the hidden state only: not the image, not the heads
+    assert _live_counts(compile_source(SPEC, "e.route")) == [1, 1, 1, 0]
+
+
+def test_an_input_read_after_an_exit_is_still_packed(monkeypatch):
+    spec = ENTROPY_SPEC.replace("out h -> Linear(d, classes)", "out (h + x) -> Linear(d, classes)")
+    torch.manual_seed(2)
+    net = compile_source(spec, "e.route")
+    assert _live_counts(net) == [2]
+    monkeypatch.setenv("ROUTEC_EXIT_POLICY", "compact")
+    x = _inputs(seed=5, scale=2.0)
+    heads, got = _eval_pair(net, x)
+    want_out, want_index = _select_by_hand(heads, 1.2, rule="entropy")
+    assert torch.equal(got.exit_index, want_index) and torch.equal(got.out, want_out)
+    assert 0 < int((want_index == 0).sum()) < x.shape[0]
