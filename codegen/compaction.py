@@ -414,9 +414,10 @@ def should_compact(live_rows: int | Tensor, width: int, device: torch.device | s
 
 
 # ----------------------------------------------------------------------------------------------------------
-# pack_rows: the data-dependent form used by the compiler's exits and named-branch routes. Eager code (and
-# this op's body, which is always eager) may read the live count; a traced graph sees one opaque op whose
-# output size is an unbacked symbol, so torch.compile(fullgraph=True) and torch.export keep it whole.
+# pack_rows: the data-dependent form, used by named-branch routes and by the compiler's exits when traced
+# (eager exits use compact + gather_rows with bucketed capacities instead: runtime.ExitPoint). This op's body
+# is always eager and reads the live count (one sync); a traced graph sees one opaque op whose output size is
+# an unbacked symbol, so torch.compile(fullgraph=True) and torch.export keep it whole.
 
 
 def pack_rows_reference(keep: Tensor, xs: list[Tensor], min_rows: int = 0) -> list[Tensor]:
