@@ -101,12 +101,15 @@ model Sel(d: int = 3, state: int = 2, H: int = 2, W: int = 3) {{
 """
 
 
-@pytest.mark.parametrize("order,op", [("", "selective_scan"), ("reverse", "selective_scan"),
-                                      ('order route_table("snake", H, W)', "multi_route_selective_scan"),
-                                      ('reverse order route_table("spiral", H, W)', "multi_route_selective_scan")])
-def test_selective_with_locals(monkeypatch, reference_backend, order, op):
+@pytest.mark.parametrize("order,ops", [
+    ("", ["selective_scan"]), ("reverse", ["selective_scan"]),
+    ("order bidirectional", ["selective_scan", "selective_scan"]),
+    ('order route_table("snake", H, W)', ["multi_route_selective_scan"]),
+    ('reverse order route_table("spiral", H, W)', ["multi_route_selective_scan"]),
+])
+def test_selective_with_locals(monkeypatch, reference_backend, order, ops):
     fused, loop = pair(monkeypatch, S6.format(order=order))
-    assert fused_ops(fused) == [op]
+    assert fused_ops(fused) == ops
     u = torch.randn(2, 6, 3, dtype=torch.float64)
     assert check_same(fused, loop, u) >= 4
 
