@@ -544,3 +544,20 @@ def test_an_input_read_after_an_exit_is_still_packed(monkeypatch):
     want_out, want_index = _select_by_hand(heads, 1.2, rule="entropy")
     assert torch.equal(got.exit_index, want_index) and torch.equal(got.out, want_out)
     assert 0 < int((want_index == 0).sum()) < x.shape[0]
+
+
+def test_exit_over_time_triton_backend_equals_reference(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setenv("ROUTEC_EXIT_POLICY", "compact")
+    torch.manual_seed(0)
+    net = compile_source(TIME_SPEC, "r.route", t=0.35).eval()
+    x = torch.randn(37, 6, 3, generator=torch.Generator().manual_seed(1)) * 2
+    with torch.no_grad():
+        want = net(x)
+    monkeypatch.setenv("ROUTEC_BACKEND", "triton")
+    spy = _Spy(monkeypatch)
+    with torch.no_grad():
+        got = net(x)
+    assert spy.calls["compact"] >= 1 and spy.calls["gather_rows"] >= 1
+    assert torch.equal(got.exit_index, want.exit_index) and len(set(want.exit_index.tolist())) >= 3
+    torch.testing.assert_close(got.out, want.out, rtol=1e-5, atol=1e-5)
