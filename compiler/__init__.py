@@ -22,29 +22,31 @@ __all__ = ["compile_source", "compile_file", "load", "RoutedModule"]
 
 
 def compile_source(text: str, filename: str = "<string>", *, model: Optional[str] = None,
-                   fuse: Optional[bool] = None, device: Union[str, torch.device, None] = None,
-                   **params: Any) -> RoutedModule:
+                   fuse: Optional[bool] = None, graph_passes: bool = True,
+                   device: Union[str, torch.device, None] = None, **params: Any) -> RoutedModule:
     """Compile spec `text`; `model` picks a model or block by name (default: the file's last `model`).
 
     `device` is where parameters are created (e.g. "cuda"; "meta" checks a paper-size spec without
     allocating its weights).
+
+    `graph_passes` runs the exact graph rewrites (docs/passes.md): `batch_calls` (independent calls of one
+    shared per-sample module become one call on the concatenated batch) and `multiroute` (independent
+    multi-route scans of equal sizes become one launch). False keeps the graph as elaborated.
 
     `fuse` runs the elementwise fusion pass (`compiler.passes.fusion`); None fuses when the kernels will run
     as Triton (ROUTEC_BACKEND=triton, or CUDA present and the backend not forced to `reference`).
     """
     from .build import elaborate
     from .passes import fuse_module, should_fuse, verify
+    from .passes.batch_calls import batch_module
+    from .passes.multiroute import merge_routes
 
     with torch.device(device) if device is not None else contextlib.nullcontext():
         net = elaborate(filename, text, params, model=model)
-    from .passes.batch_calls import batch_module
-
-    if batch_module(net):  # independent calls of one shared per-sample module → one call (exact, always)
-        verify(net.graph_module)
-    from .passes.multiroute import merge_routes
-
-    if merge_routes(net):  # independent multi-route scans of equal sizes → one launch (exact, always)
-        verify(net.graph_module)
+    if graph_passes:
+        for rewrite in (batch_module, merge_routes):
+            if rewrite(net):
+                verify(net.graph_module)
     if should_fuse(fuse):
         fuse_module(net)
         verify(net.graph_module)
@@ -52,8 +54,10 @@ def compile_source(text: str, filename: str = "<string>", *, model: Optional[str
 
 
 def compile_file(path: Union[str, Path], *, model: Optional[str] = None, fuse: Optional[bool] = None,
-                 device: Union[str, torch.device, None] = None, **params: Any) -> RoutedModule:
-    return compile_source(read_source(path), str(path), model=model, fuse=fuse, device=device, **params)
+                 graph_passes: bool = True, device: Union[str, torch.device, None] = None,
+                 **params: Any) -> RoutedModule:
+    return compile_source(read_source(path), str(path), model=model, fuse=fuse, graph_passes=graph_passes,
+                          device=device, **params)
 
 
 def resolve_spec(spec: Union[str, Path]) -> Path:
@@ -65,6 +69,8 @@ def resolve_spec(spec: Union[str, Path]) -> Path:
 
 
 def load(spec: Union[str, Path], *, model: Optional[str] = None, fuse: Optional[bool] = None,
-         device: Union[str, torch.device, None] = None, **params: Any) -> RoutedModule:
+         graph_passes: bool = True, device: Union[str, torch.device, None] = None,
+         **params: Any) -> RoutedModule:
     """Build the module of `spec` (a path or `stdlib:<name>`) with the given parameter values."""
-    return compile_file(resolve_spec(spec), model=model, fuse=fuse, device=device, **params)
+    return compile_file(resolve_spec(spec), model=model, fuse=fuse, graph_passes=graph_passes, device=device,
+                        **params)

@@ -31,8 +31,8 @@ def spec_path(spec: str) -> Path:
     return Path(spec)
 
 
-def parse_params(items: Sequence[str]) -> dict[str, str]:
-    params: dict[str, str] = {}
+def parse_params(items: Sequence[str]) -> dict[str, Any]:
+    params: dict[str, Any] = {}
     for item in items:
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
@@ -119,10 +119,11 @@ def cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
-def build(args: argparse.Namespace, fuse: Optional[bool] = None):
+def build(args: argparse.Namespace, fuse: Optional[bool] = None, graph_passes: bool = True):
     from . import load
 
-    return load(spec_path(args.spec), model=args.model, fuse=fuse, **parse_params(args.param))
+    return load(spec_path(args.spec), model=args.model, fuse=fuse, graph_passes=graph_passes,
+                **parse_params(args.param))
 
 
 class RunError(Exception):
@@ -262,31 +263,37 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def print_launches(args: argparse.Namespace, xs: list) -> None:
-    """`run --stats`: kernel launches of one eval forward, without and with the fusion pass (same weights)."""
+    """`run --stats`: kernel launches of one eval forward as elaborated, after the exact graph passes
+    (batch_calls, multiroute) and after the elementwise fusion pass too (same weights)."""
     import torch
 
     from ..codegen.pointwise import fusable_inputs
     from .passes import count_elementwise, count_launches
+    from .passes.batch_calls import MERGED as BATCHED
     from .passes.fusion import FUSED_KERNELS
     from .passes.multiroute import MERGED as MULTIROUTE
     from .passes.multiroute import count_calls as count_route_calls
 
-    counts = {}
-    for fuse in (False, True):
+    counts = []
+    for graph_passes, fuse in ((False, False), (True, False), (True, True)):
         torch.manual_seed(args.seed)
-        net = build(args, fuse=fuse).to(args.device).eval()
+        net = build(args, fuse=fuse, graph_passes=graph_passes).to(args.device).eval()
         torch.manual_seed(args.seed)
-        counts[fuse] = (count_launches(net, xs), count_elementwise(net.graph),
-                        len(net.graph_module.meta.get(FUSED_KERNELS, [])))
-    (plain, before, _), (fused, after, regions) = counts[False], counts[True]
-    print(f"  launches per forward: {plain} unfused, {fused} fused ({regions} fused region"
-          f"{'s' if regions != 1 else ''}, elementwise nodes {before} → {after}; counted with torch.profiler, "
-          f"see routec.compiler.passes.launches)")
-    merged = net.graph_module.meta.get(MULTIROUTE, [])
-    if merged:  # both counts above include the merge (compile_source always runs it)
+        counts.append((count_launches(net, xs), count_elementwise(net.graph),
+                       len(net.graph_module.meta.get(FUSED_KERNELS, []))))
+    (raw, _, _), (merged, before, _), (fused, after, regions) = counts
+    print(f"  launches per forward: {raw} as elaborated, {merged} after the graph passes, {fused} fused "
+          f"({regions} fused region{'s' if regions != 1 else ''}, elementwise nodes {before} → {after}; counted "
+          f"with torch.profiler, see routec.compiler.passes.launches)")
+    batched = net.graph_module.meta.get(BATCHED, [])
+    if batched:
+        print(f"  shared-module calls batched: {', '.join(f'{c} calls of {name}' for name, c in batched)} → one "
+              f"call each (see routec.compiler.passes.batch_calls)")
+    routes = net.graph_module.meta.get(MULTIROUTE, [])
+    if routes:
         now = count_route_calls(net.graph)
-        print(f"  multi-route scans: {sum(c for c, _ in merged) - len(merged) + now} calls → {now} launch"
-              f"{'es' if now != 1 else ''} (merged: {', '.join(f'{c} calls of {r} routes' for c, r in merged)}; "
+        print(f"  multi-route scans: {sum(c for c, _ in routes) - len(routes) + now} calls → {now} launch"
+              f"{'es' if now != 1 else ''} (merged: {', '.join(f'{c} calls of {r} routes' for c, r in routes)}; "
               f"see routec.compiler.passes.multiroute)")
     floats = [x for x in xs if x.is_floating_point()]
     if not fusable_inputs(*(floats or [torch.zeros(1, device=args.device)])):

@@ -311,6 +311,9 @@ def _merge(gm: fx.GraphModule, group: list[fx.Node]) -> list[fx.Node]:
     return made
 
 
+MERGED = "routec_batch_calls"  # GraphModule.meta key: (module path, calls) of every merged group, in merge order
+
+
 def batch_graph(gm: fx.GraphModule) -> int:
     """Merge every mergeable group of `gm`, in place; returns how many calls were removed."""
     removed = 0
@@ -321,6 +324,7 @@ def batch_graph(gm: fx.GraphModule) -> int:
             break
         made += _merge(gm, groups[0])  # one at a time: a merge adds dependencies the next check must see
         removed += len(groups[0]) - 1
+        gm.meta[MERGED] = gm.meta.get(MERGED, []) + [(str(groups[0][0].target), len(groups[0]))]
     for node in reversed(made):  # splits whose pieces a later merge took whole, and their sizes
         if not node.users and node.op == "call_function":
             gm.graph.erase_node(node)
