@@ -45,6 +45,8 @@ from .backend import reference_vjp, use_triton
 __all__ = [
     "bucket_capacity",
     "compact",
+    "compact_groups",
+    "compact_groups_reference",
     "compact_reference",
     "gather_rows",
     "gather_rows_reference",
@@ -484,3 +486,84 @@ def pack_rows(keep: Tensor, xs: list[Tensor], *, min_rows: int = 0) -> list[Tens
     repeats, and these padding copies are detached — gradients reach x through the real rows only).
     Differentiable in xs (Triton path: `compact` + `gather_rows` on floating tensors)."""
     return torch.ops.routec.pack_rows(keep, list(xs), int(min_rows))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# compact_groups: `compact` over G masks at once, for callers that need every group's count on the host in
+# one transfer (runtime.BranchRoute: one group per branch, or per (branch, sample) in "tokens" mode).
+
+
+def compact_groups_reference(keep: Tensor) -> tuple[Tensor, Tensor]:
+    """keep: bool [G, N] -> (perm int64 [G, N], count int64 [G]): for each group g, a stable sort of the
+    rows by "dropped" (kept rows first, each group in its original order) and the number of kept rows."""
+    perm = torch.sort((~keep).to(torch.uint8), dim=-1, stable=True).indices  # [G, N]
+    count = keep.sum(dim=-1, dtype=torch.int64)  # [G]
+    return perm, count
+
+
+@triton.jit
+def _compact_groups_kernel(
+    keep_ptr,  # [G, N] uint8
+    perm_ptr,  # [G, N] int64
+    count_ptr,  # [G] int64
+    N,
+    BLOCK: tl.constexpr,
+):
+    """One program per group g: count the kept rows of keep[g], then place row i at its rank among the kept
+    rows (kept) or at count + its rank among the dropped rows (dropped), with a block cumsum plus a carried
+    offset (as `_compact_kernel`, on the group's row of the [G, N] mask)."""
+    g = tl.program_id(0).to(tl.int64)
+    keep_row = keep_ptr + g * N  # 64-bit: G * N may pass 2**31
+    perm_row = perm_ptr + g * N
+    total = tl.sum(tl.zeros((BLOCK,), dtype=tl.int32), axis=0)
+    for start in range(0, N, BLOCK):
+        idx = start + tl.arange(0, BLOCK)  # [BLOCK]
+        k = tl.load(keep_row + idx, mask=idx < N, other=0).to(tl.int32)
+        total += tl.sum((k != 0).to(tl.int32), axis=0)
+    kept_before = tl.sum(tl.zeros((BLOCK,), dtype=tl.int32), axis=0)
+    for start in range(0, N, BLOCK):
+        idx = start + tl.arange(0, BLOCK)  # [BLOCK]
+        in_range = idx < N
+        k = (tl.load(keep_row + idx, mask=in_range, other=0) != 0).to(tl.int32)
+        kept_excl = kept_before + tl.cumsum(k, axis=0) - k  # kept rows of the group before idx
+        pos = tl.where(k != 0, kept_excl, total + idx - kept_excl)
+        tl.store(perm_row + pos.to(tl.int64), idx.to(tl.int64), mask=in_range)
+        kept_before += tl.sum(k, axis=0)
+    tl.store(count_ptr + g, total.to(tl.int64))
+
+
+def compact_groups_forward(
+    keep: Tensor, *, perm_out: Tensor | None = None, count_out: Tensor | None = None, block: int = 1024
+) -> tuple[Tensor, Tensor]:
+    """Launch the grouped compaction kernel (one program per group). `perm_out` / `count_out` let a test
+    pass poisoned buffers."""
+    groups, n = keep.shape
+    perm = _empty((groups, n), torch.int64, keep.device) if perm_out is None else perm_out
+    count = _empty(groups, torch.int64, keep.device) if count_out is None else count_out
+    if groups == 0:
+        return perm, count
+    block = min(block, triton.next_power_of_2(max(n, 1)))
+    _compact_groups_kernel[(groups,)](keep.contiguous().view(torch.uint8), perm, count, n, BLOCK=block)
+    return perm, count
+
+
+@torch.library.custom_op("routec::compact_groups", mutates_args=())
+def _compact_groups_op(keep: Tensor) -> tuple[Tensor, Tensor]:
+    if keep.dtype != torch.bool or keep.dim() != 2:
+        raise ValueError(f"compact_groups: keep must be a bool [G, N] mask, got {keep.dtype} {list(keep.shape)}")
+    if use_triton(keep):
+        return compact_groups_forward(keep)
+    return compact_groups_reference(keep)
+
+
+@_compact_groups_op.register_fake
+def _(keep: Tensor) -> tuple[Tensor, Tensor]:
+    return keep.new_empty(keep.shape, dtype=torch.int64), keep.new_empty(keep.shape[:1], dtype=torch.int64)
+
+
+def compact_groups(keep: Tensor) -> tuple[Tensor, Tensor]:
+    """keep: bool [G, N] -> (perm int64 [G, N]: per group, its kept rows then its dropped rows, each in
+    original order; count int64 [G]: each group's kept rows). `compact` on every row of `keep` in one
+    launch, so all G counts can reach the host in one transfer. Both stay on the device; not
+    differentiable. `perm[g]` with `count[g:g + 1]` is what `gather_rows` / `scatter_rows` take."""
+    return torch.ops.routec.compact_groups(keep)

@@ -17,3 +17,4 @@ from .rnn import gru_scan, leaky_rnn_scan, lstm_scan
 from .router import RouterOutput, route_tokens, topk_gate
 from .moe import moe_ffn
 from .multiscan import multi_route_linear_scan, multi_route_selective_scan, route_table
+from .compaction import compact_groups

@@ -191,7 +191,41 @@ class BranchRoute(nn.Module):
         out = self._route(x.reshape(-1, x.shape[-1]), weights, indices, flat)
         return out.reshape(*lead, out.shape[-1])
 
+    # At run time each branch needs its row count on the host (a branch is an ordinary module: its shapes
+    # are Python ints). Eager mode finds every branch's rows on the device first (`compact_groups`: one
+    # group per branch, or per (branch, sample) in "tokens" mode), copies all the counts to the host in ONE
+    # transfer, then gathers each branch's rows with `gather_rows` (capacity = the count: no padding, since
+    # pack_rows is called without a row floor here). Under tracing a Python int cannot follow the data, so
+    # the traced form keeps one opaque `pack_rows` per branch (an unbacked size, no host read in the graph).
+    # Both forms give the same rows in the same order, so the results are the same bit for bit.
+
     def _route(self, xs: Tensor, weights: Tensor, indices: Tensor, per_branch: list) -> Tensor:
+        if tracing(xs, weights, indices):
+            return self._route_packed(xs, weights, indices, per_branch)
+        w = weights.reshape(xs.shape[0], -1)  # [N, k]
+        idx = indices.reshape(xs.shape[0], -1)  # [N, k]
+        keep = (idx.unsqueeze(0) == self._branch_ids(idx)).any(-1)  # [P, N]
+        perms, counts = ops.compact_groups(keep)  # [P, N], [P]
+        sizes = counts.tolist()  # the route's one host read: every branch's row count
+        out: Optional[Tensor] = None
+        for p, branch in enumerate(self.branches):
+            hit = idx == p  # [N, k]
+            wp = (w * hit.to(w.dtype)).sum(-1)  # [N]
+            travelling = [e for e, rowwise in zip(per_branch[p], self.extras[p]) if rowwise]
+            rows = perms[p, : sizes[p]]  # [n_p]
+            chosen, *moved = [_gather(t, perms[p], counts[p: p + 1], sizes[p]) for t in (xs, *travelling)]
+            gathered = iter(moved)
+            inputs = [next(gathered) if rowwise else e for e, rowwise in zip(per_branch[p], self.extras[p])]
+            yp = branch(chosen, *inputs)
+            yp = yp * wp.index_select(0, rows).reshape(-1, *([1] * (yp.dim() - 1)))
+            if out is None:
+                out = xs.new_zeros(xs.shape[0], *yp.shape[1:], dtype=yp.dtype)
+            out = out.index_add(0, rows, yp)
+        assert out is not None
+        return out
+
+    def _route_packed(self, xs: Tensor, weights: Tensor, indices: Tensor, per_branch: list) -> Tensor:
+        """`_route` as traced: one `pack_rows` per branch (each reads its count inside the op's body)."""
         w = weights.reshape(xs.shape[0], -1)
         idx = indices.reshape(xs.shape[0], -1)
         out: Optional[Tensor] = None
@@ -210,7 +244,40 @@ class BranchRoute(nn.Module):
         assert out is not None
         return out
 
+    def _branch_ids(self, indices: Tensor) -> Tensor:
+        """[P, 1, ..., 1]: the branch numbers, shaped to compare against `indices` with a leading P axis."""
+        ids = torch.arange(len(self.branches), dtype=indices.dtype, device=indices.device)
+        return ids.reshape(-1, *([1] * indices.dim()))
+
     def _route_tokens(self, x: Tensor, weights: Tensor, indices: Tensor, per_branch: list) -> Tensor:
+        if tracing(x, weights, indices):
+            return self._route_tokens_packed(x, weights, indices, per_branch)
+        n_samples = x.shape[0]
+        keep = (indices.unsqueeze(0) == self._branch_ids(indices)).any(-1)  # [P, B, N]
+        perms, counts = ops.compact_groups(keep.reshape(-1, keep.shape[-1]))  # [P * B, N], [P * B]
+        sizes = counts.tolist()  # the route's one host read: every (branch, sample) token count
+        out: Optional[Tensor] = None
+        for p, branch in enumerate(self.branches):
+            hit = indices == p  # [B, N, k]
+            wp = (weights * hit.to(weights.dtype)).sum(-1)  # [B, N]
+            for b in range(n_samples):
+                g = p * n_samples + b
+                travelling = [e[b] for e, rowwise in zip(per_branch[p], self.extras[p]) if rowwise]
+                rows = perms[g, : sizes[g]]  # [n_pb]
+                tokens, *moved = [_gather(t, perms[g], counts[g: g + 1], sizes[g]) for t in (x[b], *travelling)]
+                gathered = iter(moved)
+                inputs = [next(gathered).unsqueeze(0) if rowwise else e
+                          for e, rowwise in zip(per_branch[p], self.extras[p])]
+                yb = branch(tokens.unsqueeze(0), *inputs).squeeze(0)
+                yb = yb * wp[b].index_select(0, rows).unsqueeze(-1)
+                if out is None:
+                    out = x.new_zeros(*x.shape[:-1], yb.shape[-1], dtype=yb.dtype)
+                out = out.index_put((torch.full_like(rows, b), rows), yb, accumulate=True)
+        assert out is not None
+        return out
+
+    def _route_tokens_packed(self, x: Tensor, weights: Tensor, indices: Tensor, per_branch: list) -> Tensor:
+        """`_route_tokens` as traced: one `pack_rows` per (branch, sample)."""
         out: Optional[Tensor] = None
         for p, branch in enumerate(self.branches):
             hit = indices == p  # [B, N, k]
@@ -229,6 +296,14 @@ class BranchRoute(nn.Module):
                 out = out.index_put((torch.full_like(rows, b), rows), yb, accumulate=True)
         assert out is not None
         return out
+
+
+def _gather(t: Tensor, perm: Tensor, count: Tensor, size: int) -> Tensor:
+    """Rows perm[:size] of t [N, ...] (size: the group's count, already on the host): `gather_rows` for
+    floating tensors (differentiable; its Triton kernel on the GPU), plain `index_select` for the others."""
+    if t.is_floating_point():
+        return ops.gather_rows(t, perm, count, size)
+    return t.index_select(0, perm[:size])
 
 
 @recorded
