@@ -15,7 +15,10 @@ so the profiler's operator tree stands in for them, counting what would be one l
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+import contextlib
+import os
+import sys
+from typing import Any, Iterator, Sequence
 
 import torch
 from torch.profiler import ProfilerActivity, profile
@@ -46,13 +49,37 @@ def _count(event: Any) -> int:
     return 0
 
 
+@contextlib.contextmanager
+def _native_stderr_quiet() -> Iterator[None]:
+    """Silence file descriptor 2 while profiling: some torch builds' profiler backend (kineto) logs a line
+    to native stderr at every profiler start and stop, which would land in `routec run --stats` output. The
+    forward being profiled has already run once (the warm-up), so no error of its own is hidden."""
+    try:
+        fd = sys.stderr.fileno()
+    except (AttributeError, OSError, ValueError):  # a captured or replaced stderr: nothing native to silence
+        yield
+        return
+    sys.stderr.flush()
+    saved = os.dup(fd)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), fd)
+            try:
+                yield
+            finally:
+                sys.stderr.flush()
+                os.dup2(saved, fd)
+    finally:
+        os.close(saved)
+
+
 def count_launches(net: torch.nn.Module, inputs: Sequence[torch.Tensor]) -> int:
     """Kernel launches of one `net(*inputs)` call, without autograd (see the module docstring for the rules)."""
     cuda = any(x.is_cuda for x in inputs)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     with torch.no_grad():
         net(*inputs)  # first call: compile kernels and fill caches outside the measurement
-        with profile(activities=activities) as prof:
+        with _native_stderr_quiet(), profile(activities=activities) as prof:
             net(*inputs)
             if cuda:
                 torch.cuda.synchronize()
