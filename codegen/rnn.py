@@ -8,10 +8,15 @@ input_precision="tf32x3": three TF32 tensor-core products, about fp32 accuracy, 
 drift as with plain TF32, while IEEE-fp32 (FMA) dots spill the n = 128 tiles to local memory (seen in the
 sm_90 resource usage of both). The hidden size is padded to a power of two NP >= 16 with masks. This holds
 while the weights fit on chip: n <= MAX_N = 128 (GRU: three n x n tiles, LSTM: four; the n = 128 backward
-kernels already spill part of their dW accumulators); for larger n the ops fall back to the reference with a
-warning saying so.
+kernels already spill part of their dW accumulators). For larger n the GRU and LSTM fall back to the
+reference with a warning; leaky_rnn_scan has a second, streaming variant for MAX_N < n <= MAX_STREAM_N = 1024
+(one program per BLOCK_B rows computes all n outputs each step, reading W tiles from global memory / L2 in a
+loop over (output block, K block), h[t-1] read back from the output with a barrier between steps; backward
+the same way with per-program fp32 dW partials [programs, n, n]), and the reference above that.
 
-    leaky_rnn_scan: h[t] = h[t-1] + (act(h[t-1] @ w_rec.T + x_proj[t]) - h[t-1]) / tau
+    leaky_rnn_scan: form "pre":  h[t] = h[t-1] + (act(h[t-1] @ w_rec.T + x_proj[t]) - h[t-1]) / tau
+                    form "post": h[t] = act((1 - 1/tau) * h[t-1] + (h[t-1] @ w_rec.T + x_proj[t]) / tau)
+                    act: tanh, relu, sigmoid, identity, leaky_relu(slope)
     gru_scan:       torch.nn.GRUCell equations, gates (r, z, n) in that order along the 3n axis
     lstm_scan:      torch.nn.LSTMCell equations, gates (i, f, g, o) in that order along the 4n axis
 
@@ -31,12 +36,22 @@ import triton.language as tl
 
 from .backend import reference_vjp, use_triton
 
-ACTIVATIONS = ("tanh", "relu", "sigmoid", "identity")
+ACTIVATIONS = ("tanh", "relu", "sigmoid", "identity", "leaky_relu")
+FORMS = ("pre", "post")
 MAX_N = 128
 BLOCK_B = 16
+# leaky_rnn_scan for MAX_N < n <= MAX_STREAM_N: the streaming kernels (W read in tiles from global memory / L2
+# every step, see _leaky_stream_fwd_kernel). Their backward keeps a per-program fp32 dW partial
+# [cdiv(B, BLOCK_B), n, n] in global memory (4 MiB per program at n = 1024). Tests lower STREAM_MIN_N to force
+# the streaming kernels at small n and STREAM_BLOCK to get several tiles.
+MAX_STREAM_N = 1024
+STREAM_MIN_N = MAX_N + 1
+STREAM_BLOCK = 64
 
 
-def _act_reference(p: torch.Tensor, activation: str) -> torch.Tensor:
+def _act_reference(p: torch.Tensor, activation: str, slope: float = 0.01) -> torch.Tensor:
+    if activation == "leaky_relu":
+        return torch.nn.functional.leaky_relu(p, slope)
     if activation == "tanh":
         return torch.tanh(p)
     if activation == "relu":
@@ -46,13 +61,20 @@ def _act_reference(p: torch.Tensor, activation: str) -> torch.Tensor:
     return p
 
 
-def leaky_rnn_scan_reference(x_proj, w_rec, tau, h0=None, activation="tanh"):
-    """Loop over time. x_proj [B, T, n], w_rec [n, n] (out x in), tau [n], h0 [B, n] -> h [B, T, n]."""
+def leaky_rnn_scan_reference(x_proj, w_rec, tau, h0=None, activation="tanh", form="pre", slope=0.01):
+    """Loop over time. x_proj [B, T, n], w_rec [n, n] (out x in), tau [n], h0 [B, n] -> h [B, T, n].
+
+    form "pre":  h = h + (act(h @ w_rec.T + x_t) - h) / tau
+    form "post": h = act((1 - 1/tau) * h + (h @ w_rec.T + x_t) / tau)
+    """
     B, T, n = x_proj.shape
     h = x_proj.new_zeros(B, n) if h0 is None else h0
     hs = []
     for t in range(T):
-        h = h + (_act_reference(h @ w_rec.T + x_proj[:, t], activation) - h) / tau
+        if form == "post":
+            h = _act_reference((1 - 1 / tau) * h + (h @ w_rec.T + x_proj[:, t]) / tau, activation, slope)
+        else:
+            h = h + (_act_reference(h @ w_rec.T + x_proj[:, t], activation, slope) - h) / tau
         hs.append(h)
     return torch.stack(hs, 1)
 
@@ -102,28 +124,62 @@ def _sigmoid(x):
 
 
 @triton.jit
-def _act(p, ACT: tl.constexpr):
+def _act(p, ACT: tl.constexpr, slope):
     if ACT == 0:
         return _tanh(p)
     elif ACT == 1:
         return tl.maximum(p, 0.0)
     elif ACT == 2:
         return _sigmoid(p)
+    elif ACT == 4:
+        return tl.where(p > 0.0, p, p * slope)
     else:
         return p
 
 
 @triton.jit
-def _act_grad(a, ACT: tl.constexpr):
-    """d act / d p, written in terms of the output a = act(p)."""
+def _act_grad(a, p, ACT: tl.constexpr, slope):
+    """d act / d p, in terms of the output a = act(p) (leaky_relu: of the input p, as torch does)."""
     if ACT == 0:
         return 1.0 - a * a
     elif ACT == 1:
         return (a > 0.0).to(tl.float32)
     elif ACT == 2:
         return a * (1.0 - a)
+    elif ACT == 4:
+        return tl.where(p > 0.0, 1.0, slope)
     else:
         return tl.full(a.shape, 1.0, tl.float32)
+
+
+@triton.jit
+def _leaky_cell(h, dot, x, tau, ACT: tl.constexpr, POST: tl.constexpr, slope):
+    """One step of either form from h[t-1] and dot = h[t-1] @ W.T: returns (h[t], q, z) with
+    z = act(dot + x) (pre) or dot + x (post), q = h + (z - h) / tau, h[t] = q (pre) or act(q) (post)."""
+    p = dot + x
+    if POST:
+        z = p
+    else:
+        z = _act(p, ACT, slope)
+    q = h + (z - h) / tau
+    if POST:
+        h_new = _act(q, ACT, slope)
+    else:
+        h_new = q
+    return h_new, q, z, p
+
+
+@triton.jit
+def _leaky_cell_grad(g, h_prev, h_new, q, z, p, tau, ACT: tl.constexpr, POST: tl.constexpr, slope):
+    """From g = dL/dh[t] (all paths): (gp = dL/dp, the recurrent part dL/dh[t-1] without the W path,
+    the tau gradient contribution)."""
+    if POST:
+        gq = g * _act_grad(h_new, q, ACT, slope)
+        gp = gq / tau
+    else:
+        gq = g
+        gp = g / tau * _act_grad(z, p, ACT, slope)
+    return gp, gq * (1.0 - 1.0 / tau), -gq * (z - h_prev) / (tau * tau)
 
 
 @triton.jit
@@ -156,8 +212,9 @@ def _hdot(h, wT, PREC: tl.constexpr):
 @triton.jit
 def _leaky_fwd_kernel(
     x_ptr, w_ptr, tau_ptr, h0_ptr, h_ptr,  # x, h: [B, T, n]; w: [n, n]; tau: [n]; h0: [B, n]
-    B, T, n,
-    HAS_H0: tl.constexpr, ACT: tl.constexpr, NP: tl.constexpr, BLOCK_B: tl.constexpr, PREC: tl.constexpr,
+    B, T, n, slope,
+    HAS_H0: tl.constexpr, ACT: tl.constexpr, POST: tl.constexpr, NP: tl.constexpr, BLOCK_B: tl.constexpr,
+    PREC: tl.constexpr,
 ):
     """One program per BLOCK_B batch rows; w_rec.T stays in registers across the sequential time loop."""
     rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
@@ -173,8 +230,8 @@ def _leaky_fwd_kernel(
     base = rows64 * T * n + cols[None, :]
     for t in range(T):
         x = tl.load(x_ptr + base + t * n, mask=m2, other=0.0).to(tl.float32)
-        a = _act(_hdot(h, wT, PREC) + x, ACT)
-        h = tl.where(m2, h + (a - h) / tau, 0.0)
+        h_new, q, z, p = _leaky_cell(h, _hdot(h, wT, PREC), x, tau, ACT, POST, slope)
+        h = tl.where(m2, h_new, 0.0)
         tl.store(h_ptr + base + t * n, h.to(h_ptr.dtype.element_ty), mask=m2)
 
 
@@ -182,8 +239,9 @@ def _leaky_fwd_kernel(
 def _leaky_bwd_kernel(
     x_ptr, w_ptr, tau_ptr, h0_ptr, h_ptr, gh_ptr,  # as forward; gh: dL/dh [B, T, n]
     gx_ptr, gw_ptr, gtau_ptr, gh0_ptr,  # gx: [B, T, n]; gw: [P, n, n]; gtau: [P, n] per program; gh0: [B, n]
-    B, T, n,
-    HAS_H0: tl.constexpr, ACT: tl.constexpr, NP: tl.constexpr, BLOCK_B: tl.constexpr, PREC: tl.constexpr,
+    B, T, n, slope,
+    HAS_H0: tl.constexpr, ACT: tl.constexpr, POST: tl.constexpr, NP: tl.constexpr, BLOCK_B: tl.constexpr,
+    PREC: tl.constexpr,
 ):
     """Reverse-time BPTT over the same row blocks; p[t] is recomputed from the saved h[t-1]."""
     pid = tl.program_id(0)
@@ -206,17 +264,139 @@ def _leaky_bwd_kernel(
         t_prev = tl.maximum(t - 1, 0)
         h_prev = tl.load(h_ptr + base + t_prev * n, mask=m2, other=0.0).to(tl.float32)
         h_prev = tl.where(t > 0, h_prev, h_init)
+        h_cur = tl.load(h_ptr + base + t * n, mask=m2, other=0.0).to(tl.float32)
         x = tl.load(x_ptr + base + t * n, mask=m2, other=0.0).to(tl.float32)
-        a = _act(_hdot(h_prev, wT, PREC) + x, ACT)
+        h_new, q, z, p = _leaky_cell(h_prev, _hdot(h_prev, wT, PREC), x, tau, ACT, POST, slope)
         g = tl.load(gh_ptr + base + t * n, mask=m2, other=0.0).to(tl.float32) + carry
-        gp = tl.where(m2, g / tau * _act_grad(a, ACT), 0.0)
+        gp, g_leak, g_tau = _leaky_cell_grad(g, h_prev, h_cur, q, z, p, tau, ACT, POST, slope)
+        gp = tl.where(m2, gp, 0.0)
         tl.store(gx_ptr + base + t * n, gp.to(gx_ptr.dtype.element_ty), mask=m2)
-        gtau += tl.sum(tl.where(m2, -g * (a - h_prev) / (tau * tau), 0.0), axis=0)
+        gtau += tl.sum(tl.where(m2, g_tau, 0.0), axis=0)
         gw += tl.dot(tl.trans(gp), h_prev, input_precision=PREC, out_dtype=tl.float32)
-        carry = tl.where(m2, g * (1.0 - 1.0 / tau) + _hdot(gp, tl.trans(wT), PREC), 0.0)
+        carry = tl.where(m2, g_leak + _hdot(gp, tl.trans(wT), PREC), 0.0)
     tl.store(gh0_ptr + rows64 * n + cols[None, :], carry.to(gh0_ptr.dtype.element_ty), mask=m2)
     _store_wgrad(gw_ptr + pid.to(tl.int64) * n * n, gw, 0, n, NP)
     tl.store(gtau_ptr + pid * n + cols, gtau, mask=cols < n)
+
+
+@triton.jit
+def _stream_h_prev(h_ptr, h0_ptr, rows64, rmask, c, n, T, t, HAS_H0: tl.constexpr):
+    """h[t-1][rows, c] from the output (t > 0) or h0 / zeros (t == 0), fp32; `.cg` loads (L2, not L1), so
+    values other threads of this program stored in the previous step are seen after the barrier."""
+    m = rmask[:, None] & (c < n)[None, :]
+    tv = (c * 0 + t)[None, :]  # t as a tensor: masks are tensors in the interpreter too
+    t_prev = tl.maximum(t - 1, 0)
+    v = tl.load(h_ptr + (rows64 * T + t_prev) * n + c[None, :], mask=m & (tv > 0), other=0.0,
+                cache_modifier=".cg").to(tl.float32)
+    if HAS_H0:
+        v += tl.load(h0_ptr + rows64 * n + c[None, :], mask=m & (tv == 0), other=0.0).to(tl.float32)
+    return v
+
+
+@triton.jit
+def _leaky_stream_fwd_kernel(
+    x_ptr, w_ptr, tau_ptr, h0_ptr, h_ptr,  # x, h: [B, T, n]; w: [n, n]; tau: [n]; h0: [B, n]
+    B, T, n, slope,
+    HAS_H0: tl.constexpr, ACT: tl.constexpr, POST: tl.constexpr, BLOCK_B: tl.constexpr, BN: tl.constexpr,
+    PREC: tl.constexpr,
+):
+    """For n too large to keep W in registers: one program per BLOCK_B batch rows; each step computes all n
+    outputs block by block (BN columns), streaming W tiles [BN(k), BN(j)] from global memory (L2-resident)
+    in a loop over the K blocks with tl.dot, reading h[t-1] back from the output (h0 at t = 0) and storing
+    h[t] there; a barrier between steps makes the whole new h visible to every thread of the program."""
+    rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
+    rmask = rows < B
+    rows64 = rows.to(tl.int64)[:, None]
+    ar = tl.arange(0, BN)
+    for t in range(T):
+        for j0 in range(0, n, BN):
+            cj = j0 + ar
+            mj = rmask[:, None] & (cj < n)[None, :]
+            acc = tl.zeros([BLOCK_B, BN], dtype=tl.float32)
+            for k0 in range(0, n, BN):
+                ck = k0 + ar
+                hk = _stream_h_prev(h_ptr, h0_ptr, rows64, rmask, ck, n, T, t, HAS_H0)  # [BB, BN(k)]
+                wT = tl.load(w_ptr + cj[None, :].to(tl.int64) * n + ck[:, None],
+                             mask=(ck < n)[:, None] & (cj < n)[None, :], other=0.0).to(tl.float32)  # [BN(k), BN(j)]
+                acc += _hdot(hk, wT, PREC)
+            hj = _stream_h_prev(h_ptr, h0_ptr, rows64, rmask, cj, n, T, t, HAS_H0)
+            x = tl.load(x_ptr + (rows64 * T + t) * n + cj[None, :], mask=mj, other=0.0).to(tl.float32)
+            tau = tl.load(tau_ptr + cj, mask=cj < n, other=1.0).to(tl.float32)[None, :]
+            h_new, q, z, p = _leaky_cell(hj, acc, x, tau, ACT, POST, slope)
+            tl.store(h_ptr + (rows64 * T + t) * n + cj[None, :], h_new.to(h_ptr.dtype.element_ty), mask=mj)
+        tl.debug_barrier()
+
+
+@triton.jit
+def _leaky_stream_bwd_kernel(
+    x_ptr, w_ptr, tau_ptr, h0_ptr, h_ptr, gh_ptr,  # as forward; gh: dL/dh [B, T, n]
+    gx_ptr, gw_ptr, gtau_ptr, gh0_ptr, gq_ptr,  # gx: [B, T, n]; gw: [P, n, n]; gtau: [P, n]; gh0, gq: [B, n]
+    B, T, n, slope,
+    HAS_H0: tl.constexpr, ACT: tl.constexpr, POST: tl.constexpr, BLOCK_B: tl.constexpr, BN: tl.constexpr,
+    PREC: tl.constexpr,
+):
+    """Reverse-time BPTT of the streaming forward, same row blocks. gh0 holds the carry dL/dh[t] between steps
+    (dL/dh0 at the end). Each step: (1) per output block j, recompute p[t] (streaming W), g = gh[t] + carry,
+    store gp = dL/dp into gx[t] and the leak part of dL/dh[t-1] into the scratch gq, accumulate dtau in the
+    program's fp32 partial; barrier; (2) per input block k, carry[k] = gq[k] + sum_j gp[j] @ W[j, k] and
+    dW[j, k] += gp[j].T @ h[t-1][k] into the program's fp32 partial [n, n]; barrier. Partials are summed on
+    the host."""
+    pid = tl.program_id(0)
+    rows = pid * BLOCK_B + tl.arange(0, BLOCK_B)
+    rmask = rows < B
+    rows64 = rows.to(tl.int64)[:, None]
+    ar = tl.arange(0, BN)
+    gw_prog = gw_ptr + pid.to(tl.int64) * n * n
+    gtau_prog = gtau_ptr + pid.to(tl.int64) * n
+    for i in range(T):
+        t = T - 1 - i
+        acc_on = (tl.zeros([BN], dtype=tl.int32) + i) > 0  # [BN]: whether the partials already hold a value
+        for j0 in range(0, n, BN):  # phase 1
+            cj = j0 + ar
+            mj = rmask[:, None] & (cj < n)[None, :]
+            acc = tl.zeros([BLOCK_B, BN], dtype=tl.float32)
+            for k0 in range(0, n, BN):
+                ck = k0 + ar
+                hk = _stream_h_prev(h_ptr, h0_ptr, rows64, rmask, ck, n, T, t, HAS_H0)
+                wT = tl.load(w_ptr + cj[None, :].to(tl.int64) * n + ck[:, None],
+                             mask=(ck < n)[:, None] & (cj < n)[None, :], other=0.0).to(tl.float32)
+                acc += _hdot(hk, wT, PREC)
+            hj = _stream_h_prev(h_ptr, h0_ptr, rows64, rmask, cj, n, T, t, HAS_H0)
+            offs = (rows64 * T + t) * n + cj[None, :]
+            x = tl.load(x_ptr + offs, mask=mj, other=0.0).to(tl.float32)
+            h_cur = tl.load(h_ptr + offs, mask=mj, other=0.0).to(tl.float32)
+            tau = tl.load(tau_ptr + cj, mask=cj < n, other=1.0).to(tl.float32)[None, :]
+            h_new, q, z, p = _leaky_cell(hj, acc, x, tau, ACT, POST, slope)
+            carry = tl.load(gh0_ptr + rows64 * n + cj[None, :], mask=mj & acc_on[None, :], other=0.0,
+                            cache_modifier=".cg").to(tl.float32)
+            g = tl.load(gh_ptr + offs, mask=mj, other=0.0).to(tl.float32) + carry
+            gp, g_leak, g_tau = _leaky_cell_grad(g, hj, h_cur, q, z, p, tau, ACT, POST, slope)
+            gp = tl.where(mj, gp, 0.0)
+            tl.store(gx_ptr + offs, gp.to(gx_ptr.dtype.element_ty), mask=mj)
+            tl.store(gq_ptr + rows64 * n + cj[None, :], g_leak, mask=mj)
+            gtau = tl.sum(tl.where(mj, g_tau, 0.0), axis=0)
+            gtau += tl.load(gtau_prog + cj, mask=(cj < n) & acc_on, other=0.0, cache_modifier=".cg")
+            tl.store(gtau_prog + cj, gtau, mask=cj < n)
+        tl.debug_barrier()
+        for k0 in range(0, n, BN):  # phase 2
+            ck = k0 + ar
+            mk = rmask[:, None] & (ck < n)[None, :]
+            hk = _stream_h_prev(h_ptr, h0_ptr, rows64, rmask, ck, n, T, t, HAS_H0)  # [BB, BN(k)]
+            carry = tl.load(gq_ptr + rows64 * n + ck[None, :], mask=mk, other=0.0, cache_modifier=".cg")
+            for j0 in range(0, n, BN):
+                cj = j0 + ar
+                mj = rmask[:, None] & (cj < n)[None, :]
+                gp = tl.load(gx_ptr + (rows64 * T + t) * n + cj[None, :], mask=mj, other=0.0,
+                             cache_modifier=".cg").to(tl.float32)  # [BB, BN(j)]
+                wjk = (cj < n)[:, None] & (ck < n)[None, :]
+                w_offs = cj[:, None].to(tl.int64) * n + ck[None, :]
+                w = tl.load(w_ptr + w_offs, mask=wjk, other=0.0).to(tl.float32)  # [BN(j), BN(k)]
+                carry += _hdot(gp, w, PREC)
+                gw = tl.dot(tl.trans(gp), hk, input_precision=PREC, out_dtype=tl.float32)
+                gw += tl.load(gw_prog + w_offs, mask=wjk & acc_on[:, None], other=0.0, cache_modifier=".cg")
+                tl.store(gw_prog + w_offs, gw, mask=wjk)
+            tl.store(gh0_ptr + rows64 * n + ck[None, :], carry.to(gh0_ptr.dtype.element_ty), mask=mk)
+        tl.debug_barrier()
 
 
 @triton.jit
@@ -482,32 +662,56 @@ def _opt(t: torch.Tensor | None, fallback: torch.Tensor) -> torch.Tensor:
 _ACT_CODE = {name: code for code, name in enumerate(ACTIVATIONS)}
 
 
+def _leaky_variant(n: int) -> str:
+    """"registers" (W on chip), "stream" (W tiles from L2 each step) or "reference" (with a warning)."""
+    if n < STREAM_MIN_N and n <= MAX_N:
+        return "registers"
+    if n <= MAX_STREAM_N:
+        return "stream"
+    warnings.warn(
+        f"leaky_rnn_scan: hidden size n={n} > {MAX_STREAM_N}: the fused kernels' dW partials would not fit; "
+        "running the PyTorch reference instead",
+        stacklevel=3,
+    )
+    return "reference"
+
+
+def _stream_cfg(B: int):
+    return (triton.cdiv(B, BLOCK_B),), dict(BLOCK_B=BLOCK_B, BN=STREAM_BLOCK, PREC="tf32x3", num_warps=4)
+
+
 @torch.library.custom_op("routec::leaky_rnn_scan", mutates_args=())
 def _leaky_op(
-    x_proj: torch.Tensor, w_rec: torch.Tensor, tau: torch.Tensor, h0: torch.Tensor | None, activation: str
+    x_proj: torch.Tensor, w_rec: torch.Tensor, tau: torch.Tensor, h0: torch.Tensor | None, activation: str,
+    form: str = "pre", slope: float = 0.01,
 ) -> torch.Tensor:
     B, T, n = x_proj.shape
-    if use_triton(x_proj, w_rec, tau, h0) and _fits_on_chip("leaky_rnn_scan", n):
-        x = x_proj.contiguous()
-        h = _empty(x.shape, x)
-        grid, cfg = _launch_cfg(B, n)
-        _leaky_fwd_kernel[grid](
-            x, w_rec.contiguous(), tau.contiguous(), _opt(h0, x), h, B, T, n,
-            HAS_H0=h0 is not None, ACT=_ACT_CODE[activation], **cfg,
-        )
-        return h
+    if use_triton(x_proj, w_rec, tau, h0) and T > 0 and B > 0:
+        variant = _leaky_variant(n)
+        if variant != "reference":
+            x = x_proj.contiguous()
+            h = _empty(x.shape, x)
+            args = (x, w_rec.contiguous(), tau.contiguous(), _opt(h0, x), h, B, T, n, float(slope))
+            flags = dict(HAS_H0=h0 is not None, ACT=_ACT_CODE[activation], POST=form == "post")
+            if variant == "registers":
+                grid, cfg = _launch_cfg(B, n)
+                _leaky_fwd_kernel[grid](*args, **flags, **cfg)
+            else:
+                grid, cfg = _stream_cfg(B)
+                _leaky_stream_fwd_kernel[grid](*args, **flags, **cfg)
+            return h
     with torch.no_grad():
-        return leaky_rnn_scan_reference(x_proj, w_rec, tau, h0, activation).contiguous()
+        return leaky_rnn_scan_reference(x_proj, w_rec, tau, h0, activation, form, slope).contiguous()
 
 
 @_leaky_op.register_fake
-def _(x_proj, w_rec, tau, h0, activation):
+def _(x_proj, w_rec, tau, h0, activation, form="pre", slope=0.01):
     return torch.empty_like(x_proj)
 
 
 def _leaky_setup(ctx, inputs, output):
-    x_proj, w_rec, tau, h0, activation = inputs
-    ctx.activation = activation
+    x_proj, w_rec, tau, h0, activation, form, slope = inputs
+    ctx.activation, ctx.form, ctx.slope = activation, form, slope
     ctx.has_h0 = h0 is not None
     ctx.save_for_backward(x_proj, w_rec, tau, h0, output)
 
@@ -515,24 +719,32 @@ def _leaky_setup(ctx, inputs, output):
 def _leaky_backward(ctx, gh):
     x_proj, w_rec, tau, h0, h = ctx.saved_tensors
     B, T, n = x_proj.shape
-    if use_triton(x_proj, w_rec, tau, h0) and n <= MAX_N:
+    variant = "reference"
+    if use_triton(x_proj, w_rec, tau, h0) and T > 0 and B > 0:
+        variant = "registers" if n < STREAM_MIN_N and n <= MAX_N else "stream" if n <= MAX_STREAM_N else "reference"
+    if variant != "reference":
         x = x_proj.contiguous()
-        grid, cfg = _launch_cfg(B, n)
+        flags = dict(HAS_H0=h0 is not None, ACT=_ACT_CODE[ctx.activation], POST=ctx.form == "post")
+        grid, cfg = _launch_cfg(B, n) if variant == "registers" else _stream_cfg(B)
         gx = _empty(x.shape, x)
         gw = _empty((grid[0], n, n), x, torch.float32)
         gtau = _empty((grid[0], n), x, torch.float32)
-        gh0 = _empty((B, n), x)
-        _leaky_bwd_kernel[grid](
-            x, w_rec.contiguous(), tau.contiguous(), _opt(h0, x), h, gh.contiguous(), gx, gw, gtau, gh0,
-            B, T, n, HAS_H0=h0 is not None, ACT=_ACT_CODE[ctx.activation], **cfg,
-        )
+        args = (x, w_rec.contiguous(), tau.contiguous(), _opt(h0, x), h, gh.contiguous(), gx, gw, gtau)
+        if variant == "registers":
+            gh0 = _empty((B, n), x)
+            _leaky_bwd_kernel[grid](*args, gh0, B, T, n, float(ctx.slope), **flags, **cfg)
+        else:
+            gh0 = _empty((B, n), x, torch.float32)  # the carry between steps, fp32
+            gq = _empty((B, n), x, torch.float32)  # scratch: the leak part of dL/dh[t-1]
+            _leaky_stream_bwd_kernel[grid](*args, gh0, gq, B, T, n, float(ctx.slope), **flags, **cfg)
+            gh0 = gh0.to(x.dtype)
         gw, gtau = gw.sum(0).to(w_rec.dtype), gtau.sum(0).to(tau.dtype)
     else:
         def fn(x, w, tau, h0):
-            return leaky_rnn_scan_reference(x, w, tau, h0, ctx.activation)
+            return leaky_rnn_scan_reference(x, w, tau, h0, ctx.activation, ctx.form, ctx.slope)
 
         gx, gw, gtau, gh0 = reference_vjp(fn, (x_proj, w_rec, tau, h0), (gh,))
-    return gx, gw, gtau, gh0 if ctx.has_h0 else None, None
+    return gx, gw, gtau, gh0 if ctx.has_h0 else None, None, None, None
 
 
 _leaky_op.register_autograd(_leaky_backward, setup_context=_leaky_setup)
@@ -659,16 +871,22 @@ def _check(op: str, x_proj: torch.Tensor, w: torch.Tensor, gates: int) -> int:
 
 def leaky_rnn_scan(
     x_proj: torch.Tensor, w_rec: torch.Tensor, tau: torch.Tensor, h0: torch.Tensor | None = None, *,
-    activation: str = "tanh",
+    activation: str = "tanh", form: str = "pre", slope: float = 0.01,
 ) -> torch.Tensor:
-    """h[t] = h[t-1] + (act(h[t-1] @ w_rec.T + x_proj[t]) - h[t-1]) / tau; x_proj [B, T, n] -> h [B, T, n].
+    """Leaky-tau RNN over all steps; x_proj [B, T, n] -> h [B, T, n].
 
-    tau [n] is used as given (clamp it yourself); fused kernel for n <= MAX_N.
+    form "pre" (default):  h[t] = h[t-1] + (act(h[t-1] @ w_rec.T + x_proj[t]) - h[t-1]) / tau
+    form "post":           h[t] = act((1 - 1/tau) * h[t-1] + (h[t-1] @ w_rec.T + x_proj[t]) / tau)
+    activation: tanh, relu, sigmoid, identity or leaky_relu (negative slope `slope`).
+    tau [n] is used as given (clamp it yourself). Triton: W in registers for n <= MAX_N, streamed from L2 for
+    n <= MAX_STREAM_N, the reference (with a warning) above.
     """
     if activation not in ACTIVATIONS:
         raise ValueError(f"leaky_rnn_scan: activation must be one of {', '.join(ACTIVATIONS)}, got {activation!r}")
+    if form not in FORMS:
+        raise ValueError(f"leaky_rnn_scan: form must be 'pre' or 'post', got {form!r}")
     _check("leaky_rnn_scan", x_proj, w_rec, 1)
-    return torch.ops.routec.leaky_rnn_scan(x_proj, w_rec, tau, h0, activation)
+    return torch.ops.routec.leaky_rnn_scan(x_proj, w_rec, tau, h0, activation, form, float(slope))
 
 
 def gru_scan(

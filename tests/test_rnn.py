@@ -181,18 +181,25 @@ def test_compile_and_fake(reference_backend):
 
 
 def test_large_n_falls_back_with_warning(triton_backend):
-    n = rnn.MAX_N + 1
+    """leaky_rnn_scan streams W for MAX_N < n <= MAX_STREAM_N (tests/test_rnn_leaky.py); above, the reference;
+    the GRU falls back above MAX_N."""
+    n = rnn.MAX_STREAM_N + 1
     x, w, tau, h0 = _leaky_inputs(1, 2, n, False)
-    with pytest.warns(UserWarning, match="do not fit on chip"):
+    with pytest.warns(UserWarning, match="would not fit"):
         h = leaky_rnn_scan(x, w, tau)
     torch.testing.assert_close(h, rnn.leaky_rnn_scan_reference(x, w, tau, None, "tanh"))
+    n = rnn.MAX_N + 1
+    x, w, b, h0, _ = _gated_inputs(1, 2, n, 3, False)
+    with pytest.warns(UserWarning, match="do not fit on chip"):
+        h = gru_scan(x, w, b)
+    torch.testing.assert_close(h, rnn.gru_scan_reference(x, w, b, None))
 
 
 @pytest.mark.slow
 def test_kernels_compile_for_gpu(compile_for_sm90):
     cfg = dict(NP=16, BLOCK_B=rnn.BLOCK_B, PREC="tf32x3")
-    specs = [(f"_{cell}_{d}_kernel", dict(HAS_H0=True, ACT=0, **cfg) if cell == "leaky" else dict(HAS_H0=True, **cfg), {})
-             for cell in ("leaky", "gru") for d in ("fwd", "bwd")]
+    specs = [(f"_{cell}_{d}_kernel", dict(HAS_H0=True, ACT=0, POST=False, **cfg) if cell == "leaky" else dict(HAS_H0=True, **cfg),
+              {"slope": "fp32"}) for cell in ("leaky", "gru") for d in ("fwd", "bwd")]
     specs += [(f"_lstm_{d}_kernel", dict(HAS_H0=True, HAS_C0=False, **cfg), {}) for d in ("fwd", "bwd")]
     compile_for_sm90("routec.codegen.rnn", specs)
 
