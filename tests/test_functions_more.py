@@ -140,6 +140,18 @@ def test_leaky_relu_matches_its_formula(slope):
     torch.testing.assert_close(grad, torch.where(x > 0, g, slope * g))
 
 
+def test_elu_in_a_spec_matches_its_formula():
+    """`elu` (a torch activation, so only the language binding is ours): x where x > 0, else exp(x) - 1,
+    and DSF's φ(x) = elu(x) + 1 equals the relu form the spec used before."""
+    from routec.compiler import compile_source
+
+    net = compile_source("model M(d: int = 5) {\n    in x: [B, d]\n    out elu(x) + 1.0\n}\n")
+    x = _x(4, 5)
+    y = net(x)
+    torch.testing.assert_close(y, torch.where(x > 0, x, torch.exp(x) - 1.0) + 1.0)
+    torch.testing.assert_close(y, torch.relu(x) + torch.exp(-torch.relu(-x)))
+
+
 def test_gradcheck_in_float64():
     x = _x(3, 4).requires_grad_()
     x2 = (_x(3, 4) * 3).requires_grad_()  # away from the bounds of the clamp (gradcheck needs smoothness)

@@ -193,14 +193,18 @@ def test_reference_s6_equals_its_unrolled_sum():
         torch.testing.assert_close(s6(u)[0, T - 1], want)
 
 
-def test_recurrent_mixers_lower_to_one_linear_scan_each():
+def test_recurrent_mixers_lower_to_fused_scans():
+    """Each scan is one fused op (no step loop): linear attention's two matrix/vector recurrences and the
+    RG-LRU a linear scan each, S6 with its read-out one selective scan."""
+    from routec.codegen import runtime
     from routec.compiler import load
 
-    for mixer, scans in (("linattn", 2), ("s6", 1), ("rglru", 1)):
+    for mixer, kind, scans in (("linattn", "linear_scan", 2), ("s6", "selective_scan", 1), ("rglru", "linear_scan", 1)):
         net = load("stdlib:dsf", mixer=mixer, **SMALL)
         targets = [getattr(n.target, "__name__", str(n.target)) for n in net.graph.nodes]
-        fused = [t for t in targets if "linear_scan" in t]
-        assert len(fused) == scans * SMALL["depth"], (mixer, targets)
+        fused = [t for t in targets if "scan" in t]
+        assert len(fused) == scans * SMALL["depth"] and all(kind in t for t in fused), (mixer, targets)
+        assert not any(isinstance(m, runtime.ScanLoop) for m in net.modules())
 
 
 @pytest.mark.parametrize("mixer", MIXERS)

@@ -423,6 +423,7 @@ FUNCS: dict[str, FuncDef] = {
         _pointwise("log", torch.log, "natural logarithm"),
         _pointwise("abs", torch.abs, "|x|"),
         _pointwise("softplus", F.softplus, "log(1 + exp(x))"),
+        _pointwise("elu", F.elu, "x where x > 0, else exp(x) - 1"),
         FuncDef("leaky_relu", (Param("slope", "float", 0.01),), functions.leaky_relu, _same,
                 "x where x > 0, else slope * x"),
         FuncDef("clamp", CLAMP_PARAMS, functions.clamp, _clamp,
