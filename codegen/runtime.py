@@ -202,8 +202,8 @@ class BranchRoute(nn.Module):
     def _route(self, xs: Tensor, weights: Tensor, indices: Tensor, per_branch: list) -> Tensor:
         if tracing(xs, weights, indices):
             return self._route_packed(xs, weights, indices, per_branch)
-        w = weights.reshape(xs.shape[0], -1)  # [N, k]
-        idx = indices.reshape(xs.shape[0], -1)  # [N, k]
+        w = weights.reshape(xs.shape[0], weights.shape[-1])  # [N, k] (explicit k: N may be 0)
+        idx = indices.reshape(xs.shape[0], indices.shape[-1])  # [N, k]
         keep = (idx.unsqueeze(0) == self._branch_ids(idx)).any(-1)  # [P, N]
         perms, counts = ops.compact_groups(keep)  # [P, N], [P]
         sizes = counts.tolist()  # the route's one host read: every branch's row count
@@ -226,8 +226,8 @@ class BranchRoute(nn.Module):
 
     def _route_packed(self, xs: Tensor, weights: Tensor, indices: Tensor, per_branch: list) -> Tensor:
         """`_route` as traced: one `pack_rows` per branch (each reads its count inside the op's body)."""
-        w = weights.reshape(xs.shape[0], -1)
-        idx = indices.reshape(xs.shape[0], -1)
+        w = weights.reshape(xs.shape[0], weights.shape[-1])  # [N, k] (explicit k: N may be 0)
+        idx = indices.reshape(xs.shape[0], indices.shape[-1])  # [N, k]
         out: Optional[Tensor] = None
         for p, branch in enumerate(self.branches):
             hit = idx == p  # [N, k]
