@@ -4,8 +4,10 @@ A scan body is matched against the recurrences routec has fused kernels for:
 
 * linear:  `h = a * h + b` with `a`, `b` free of `h`  →  `ops.linear_scan` over a, b computed for all steps
   at once (per-step expressions of `x.t` are evaluated on the whole sequence `x`);
-* leaky-τ: `h = h + (act(L(h) + u) - h) / tau` with `L` a Linear layer and `u` free of `h`  →
-  `ops.leaky_rnn_scan` (the recurrent weight stays on chip);
+* leaky-τ: `h = h + (act(R + u) - h) / tau` (pre form) or `h = act((1 - 1/tau) * h + (R + u) / tau)`
+  (post form) with `R` = `L(h)` (`L` a Linear(n, n)) or `h @ M` (`M` an [n, n] expression free of `h`,
+  evaluated once: the recurrent weight is `M^T`) and `u` (one or more terms, any order) free of `h`, act in
+  tanh, relu, sigmoid, identity, leaky_relu(·, number)  →  `ops.leaky_rnn_scan` (the recurrent weight on chip);
 * selective (Mamba S6): `h = exp(unsqueeze(dt, -1) * A) * h + unsqueeze(dt * u, -1) * unsqueeze(Bm, 1)` with
   `emit y = sum(h * unsqueeze(Cm, 1), -1)` (`+ D * u`), zero init  →  `ops.selective_scan` (one call for all
   such emits), or `ops.multi_route_selective_scan` with `order <permutation>`;
@@ -42,7 +44,6 @@ from .elaborate import POISON, Abort, Elaborator, GraphContext, Scope, SeqAxis, 
 from .layers import render_shape
 from .values import Instance, Tensor
 
-ACTIVATIONS = {"tanh": "tanh", "relu": "relu", "sigmoid": "sigmoid"}
 
 
 def mentions(e: Any, name: str) -> bool:
@@ -172,15 +173,18 @@ def try_fused(el: Elaborator, s: ast.Scan, scope: Scope, seq: Tensor, inits: lis
     leaky = match_leaky(expr, h)
     linear = match_linear(expr, h)
     if flat.inlined:  # inlined locals: only per-step expressions known to compute every step at once
-        if leaky is not None and not all(step_safe(e, scope, s.states) for e in (leaky[2], leaky[3])):
+        if leaky is not None and not leaky_step_safe(leaky, scope, s.states):
             leaky = None
         if linear is not None and not all(step_safe(e, scope, s.states) for e in linear):
             linear = None
+    if leaky is not None and leaky.form == "post" and not flat.inlined \
+            and not leaky_step_safe(leaky, scope, s.states):
+        leaky = None
     frame = ScanFrame("full")
     el.scan_frames.append(frame)
     try:
         if leaky is not None and not reverse:
-            node = lower_leaky(el, scope, seq, h0, prefix, *leaky)
+            node = lower_leaky(el, scope, seq, h0, prefix, leaky)
         elif linear is not None:
             a_expr, b_expr = linear
             sub = body_scope(scope, prefix)
@@ -851,32 +855,162 @@ def match_linear(e: ast.Expr, h: str) -> Optional[tuple[ast.Expr, ast.Expr]]:
     return None
 
 
-def match_leaky(e: ast.Expr, h: str):
-    """`h + (act(L(h) + u) - h) / tau` → (act name, L expression, u expression, tau expression)."""
-    if not (isinstance(e, ast.BinOp) and e.op == "+" and isinstance(e.left, ast.Name) and e.left.id == h):
-        return None
-    div = e.right
-    if not (isinstance(div, ast.BinOp) and div.op == "/" and not mentions(div.right, h)):
-        return None
-    diff = div.left
-    if not (isinstance(diff, ast.BinOp) and diff.op == "-" and isinstance(diff.right, ast.Name)
-            and diff.right.id == h):
-        return None
-    act_call = diff.left
-    if isinstance(act_call, ast.Call) and isinstance(act_call.func, ast.Name) and act_call.func.id in ACTIVATIONS \
-            and len(act_call.args) == 1 and not act_call.kwargs:
-        act, inner = act_call.func.id, act_call.args[0]
-    elif isinstance(act_call, ast.Pipe) and isinstance(act_call.right, ast.Name) and act_call.right.id in ACTIVATIONS:
-        act, inner = act_call.right.id, act_call.left
+class Leaky(NamedTuple):
+    """A matched leaky-τ update (`match_leaky`)."""
+
+    form: str  # "pre": h + (act(R + u) - h) / tau; "post": act((1 - 1/tau) * h + (R + u) / tau)
+    act: str  # an activation of rnn.ACTIVATIONS
+    slope: Optional[ast.Expr]  # leaky_relu's negative slope (None: its default 0.01)
+    rec: ast.Expr  # the recurrent term R: a Linear layer expression L of `L(h)`, or the matrix M of `h @ M`
+    matrix: bool  # R = h @ M (the recurrent weight is M^T), else R = L(h)
+    u: ast.Expr  # the other terms of the sum, free of h (bias, input projection)
+    tau: ast.Expr
+    rec_first: bool  # R comes before u in the source (evaluation order: module names as in the step loop)
+
+
+LEAKY_ACTIVATIONS = ("tanh", "relu", "sigmoid", "identity", "leaky_relu")
+
+
+def activation_call(e: Any) -> Optional[tuple[str, Optional[ast.Expr], ast.Expr]]:
+    """`act(x)`, `x -> act`, `leaky_relu(x, s)`, `leaky_relu(x, slope=s)`, `x -> leaky_relu(s)` → (act, slope, x)."""
+    if isinstance(e, ast.Call) and isinstance(e.func, ast.Name) and e.func.id in LEAKY_ACTIVATIONS:
+        name, args, kwargs = e.func.id, e.args, e.kwargs
+    elif isinstance(e, ast.Pipe) and isinstance(e.right, ast.Name) and e.right.id in LEAKY_ACTIVATIONS:
+        name, args, kwargs = e.right.id, (e.left,), ()
+    elif isinstance(e, ast.Pipe) and isinstance(e.right, ast.Call) and isinstance(e.right.func, ast.Name) \
+            and e.right.func.id == "leaky_relu":
+        name, args, kwargs = "leaky_relu", (e.left, *e.right.args), e.right.kwargs
     else:
         return None
-    if not (isinstance(inner, ast.BinOp) and inner.op == "+"):
+    slopes = [k.value for k in kwargs if k.name == "slope"]
+    if len(slopes) != len(kwargs) or len(args) + len(slopes) > (2 if name == "leaky_relu" else 1) or not args:
         return None
-    for rec, u in ((inner.left, inner.right), (inner.right, inner.left)):
-        layer = recurrent_layer(rec, h)
-        if layer is not None and not mentions(u, h):
-            return act, layer, u, div.right, rec is inner.left
+    slope = args[1] if len(args) == 2 else slopes[0] if slopes else None
+    return name, slope, args[0]
+
+
+def plus_terms(e: Any) -> list:
+    """The terms of a sum `a + b + …` (any grouping)."""
+    if isinstance(e, ast.BinOp) and e.op == "+":
+        return plus_terms(e.left) + plus_terms(e.right)
+    return [e]
+
+
+def recurrent_term(e: ast.Expr, h: str) -> Optional[tuple[ast.Expr, bool]]:
+    """`L(h)` / `h -> L` → (L, False); `h @ M` with M free of h → (M, True)."""
+    layer = recurrent_layer(e, h)
+    if layer is not None:
+        return layer, False
+    if isinstance(e, ast.BinOp) and e.op == "@" and isinstance(e.left, ast.Name) and e.left.id == h \
+            and not mentions(e.right, h):
+        return e.right, True
     return None
+
+
+def split_recurrent(e: ast.Expr, h: str) -> Optional[tuple[ast.Expr, bool, ast.Expr, bool]]:
+    """A sum with exactly one recurrent term (`recurrent_term`) and at least one other term, all free of h →
+    (rec, matrix, the other terms summed in source order, rec_first)."""
+    terms = plus_terms(e)
+    found = [(i, r) for i, r in enumerate(recurrent_term(t, h) for t in terms) if r is not None]
+    if len(found) != 1 or len(terms) < 2:
+        return None
+    i, (rec, matrix) = found[0]
+    rest = terms[:i] + terms[i + 1:]
+    if any(mentions(t, h) for t in rest):
+        return None
+    u = rest[0]
+    for t in rest[1:]:
+        u = ast.BinOp(op="+", left=u, right=t, span=u.span)
+    return rec, matrix, u, i == 0
+
+
+def is_one(e: Any) -> bool:
+    return number_value(e) == 1.0
+
+
+def match_leaky(e: ast.Expr, h: str) -> Optional[Leaky]:
+    """The leaky-τ update in either form (R: `L(h)` or `h @ M`; u: one or more terms free of h, any order):
+    pre   `h + (act(R + u) - h) / tau`
+    post  `act((1 - 1 / tau) * h + (R + u) / tau)` (the same tau expression twice)."""
+    if isinstance(e, ast.BinOp) and e.op == "+" and isinstance(e.left, ast.Name) and e.left.id == h:
+        div = e.right
+        if not (isinstance(div, ast.BinOp) and div.op == "/" and not mentions(div.right, h)):
+            return None
+        diff = div.left
+        if not (isinstance(diff, ast.BinOp) and diff.op == "-" and isinstance(diff.right, ast.Name)
+                and diff.right.id == h):
+            return None
+        act = activation_call(diff.left)
+        if act is None:
+            return None
+        split = split_recurrent(act[2], h)
+        if split is None:
+            return None
+        rec, matrix, u, rec_first = split
+        return Leaky("pre", act[0], act[1], rec, matrix, u, div.right, rec_first)
+    act = activation_call(e)
+    if act is None or not (isinstance(act[2], ast.BinOp) and act[2].op == "+"):
+        return None
+    q = act[2]
+    for leak, div in ((q.left, q.right), (q.right, q.left)):
+        if not (isinstance(div, ast.BinOp) and div.op == "/" and not mentions(div.right, h)):
+            continue
+        tau = div.right
+        for c1, state in factors(leak):
+            if not (isinstance(state, ast.Name) and state.id == h):
+                continue
+            if not (isinstance(c1, ast.BinOp) and c1.op == "-" and is_one(c1.left)
+                    and isinstance(c1.right, ast.BinOp) and c1.right.op == "/" and is_one(c1.right.left)
+                    and same(c1.right.right, tau)):
+                continue
+            split = split_recurrent(div.left, h)
+            if split is not None:
+                rec, matrix, u, rec_first = split
+                return Leaky("post", act[0], act[1], rec, matrix, u, tau, rec_first)
+    return None
+
+
+def without_linear_calls(e: Any, scope: Scope) -> Any:
+    """`e` with each application of a Linear layer (`w(x)`, `x -> w` with `w` a Linear instance, or
+    `Linear(a, b)(x)`) replaced by its argument: a Linear acts on the last axis, so it computes every step
+    at once exactly when its argument does (`step_safe` then judges the rest)."""
+    def is_linear(f: Any) -> bool:
+        if isinstance(f, ast.Call) and isinstance(f.func, ast.Name) and f.func.id == "Linear":
+            return True
+        if isinstance(f, ast.Name):
+            try:
+                v = scope.lookup(f.id)
+            except KeyError:
+                return False
+            return isinstance(v, Instance) and v.kind == "layer" and v.name == "Linear"
+        return False
+
+    if isinstance(e, ast.Call) and len(e.args) == 1 and not e.kwargs and is_linear(e.func):
+        return without_linear_calls(e.args[0], scope)
+    if isinstance(e, ast.Pipe) and is_linear(e.right):
+        return without_linear_calls(e.left, scope)
+    if isinstance(e, tuple):
+        return tuple(without_linear_calls(x, scope) for x in e)
+    if not isinstance(e, ast.Node):
+        return e
+    changes = {}
+    for field in type(e).model_fields:
+        value = getattr(e, field)
+        if isinstance(value, (ast.Node, tuple)):
+            new = without_linear_calls(value, scope)
+            if new is not value:
+                changes[field] = new
+    return e.model_copy(update=changes) if changes else e
+
+
+def leaky_step_safe(leaky: Leaky, scope: Scope, states: tuple) -> bool:
+    """Whether u and tau compute every step at once on whole sequences (Linear layers allowed in u) and the
+    matrix M reads no step (it is evaluated once, outside the loop)."""
+    if leaky.matrix and any(isinstance(n, ast.Attribute) and n.attr == "t" for n in ast.walk(leaky.rec)):
+        return False
+    if leaky.matrix and (any(mentions(leaky.rec, st) for st in states) or not inlinable(leaky.rec)):
+        return False
+    return step_safe(without_linear_calls(leaky.u, scope), scope, states) and step_safe(leaky.tau, scope, states)
 
 
 def recurrent_layer(e: ast.Expr, h: str) -> Optional[ast.Expr]:
@@ -889,37 +1023,63 @@ def recurrent_layer(e: ast.Expr, h: str) -> Optional[ast.Expr]:
     return None
 
 
-def lower_leaky(el: Elaborator, scope: Scope, seq: Tensor, h0: Tensor, prefix: str, act: str,
-                layer_expr: ast.Expr, u_expr: ast.Expr, tau_expr: ast.Expr, layer_first: bool) -> Optional[fx.Node]:
+def lower_leaky(el: Elaborator, scope: Scope, seq: Tensor, h0: Tensor, prefix: str,
+                leaky: Leaky) -> Optional[fx.Node]:
+    """`ops.leaky_rnn_scan(u + bias, w_rec, tau, h0, activation=…, form=…)`; None (a step loop) when the
+    recurrent term is not a Linear(n, n) / an [n, n] matrix or the slope is not a number."""
     sub = body_scope(scope, prefix)
-    # evaluate in source order so that module names match the step-loop lowering
-    layer = el.eval(layer_expr, sub) if layer_first else None
-    u = el.eval(u_expr, sub)
-    if layer is None:
-        layer = el.eval(layer_expr, sub)
-    if not (isinstance(layer, Instance) and layer.kind == "layer" and layer.name == "Linear"):
-        return None
+    slope = 0.01
+    if leaky.slope is not None:
+        value = number_value(leaky.slope)
+        if value is None and isinstance(leaky.slope, ast.Name):
+            try:
+                found = sub.lookup(leaky.slope.id)
+            except KeyError:
+                return None
+            value = float(found) if isinstance(found, (int, float)) and not isinstance(found, bool) else None
+        if value is None:
+            return None
+        slope = value
     n = h0.shape[-1]
-    if layer.kwargs["in_features"] != n or layer.kwargs["out_features"] != n:
-        el.error("R165", f"the recurrent layer must map the state to itself: Linear({n}, {n}), got "
-                 f"Linear({layer.kwargs['in_features']}, {layer.kwargs['out_features']})", layer_expr.span)
-    if u is POISON:
+    # evaluate in source order so that module names match the step-loop lowering
+    rec = el.eval(leaky.rec, sub) if leaky.rec_first else None
+    u = el.eval(leaky.u, sub)
+    if rec is None:
+        rec = el.eval(leaky.rec, sub)
+    if rec is POISON or u is POISON:
         raise Abort()
+    if leaky.matrix:
+        if not (isinstance(rec, Tensor) and len(rec.shape) == 2 and all(dims_match(d, n) for d in rec.shape)):
+            return None
+    elif not (isinstance(rec, Instance) and rec.kind == "layer" and rec.name == "Linear"):
+        return None
+    elif rec.kwargs["in_features"] != n or rec.kwargs["out_features"] != n:
+        el.error("R165", f"the recurrent layer must map the state to itself: Linear({n}, {n}), got "
+                 f"Linear({rec.kwargs['in_features']}, {rec.kwargs['out_features']})", leaky.rec.span)
     full = seq.shape[:2] + (n,)
-    u_t = broadcast_to(el, u, full, u_expr)
-    weight = el._tag(el.root_graph().get_attr(f"{layer.path}.weight"))
-    if layer.kwargs["bias"]:
-        bias = el._tag(el.root_graph().get_attr(f"{layer.path}.bias"))
-        u_t = Tensor(el.call_function(torch.add, (u_t, bias)), full)
-    tau = el.eval(tau_expr, sub)
+    u_t = broadcast_to(el, u, full, leaky.u)
+    if leaky.matrix:
+        weight = el.call_function(torch.transpose, (rec, 0, 1))  # h @ M = h @ w_rec.T
+    else:
+        assert isinstance(rec, Instance)
+        weight = el._tag(el.root_graph().get_attr(f"{rec.path}.weight"))
+        if rec.kwargs["bias"]:
+            bias = el._tag(el.root_graph().get_attr(f"{rec.path}.bias"))
+            u_t = Tensor(el.call_function(torch.add, (u_t, bias)), full)
+    tau = el.eval(leaky.tau, sub)
     if tau is POISON:
         raise Abort()
     if isinstance(tau, (int, float)):
         tau = Tensor(el.call_function(_full_like_last, (u_t, float(tau))), (n,))
     if not isinstance(tau, Tensor):
-        el.error("R165", f"`tau` must be a number or a tensor [{n}], got {el.describe(tau)}", tau_expr.span)
+        el.error("R165", f"`tau` must be a number or a tensor [{n}], got {el.describe(tau)}", leaky.tau.span)
     tau_n = Tensor(el.call_function(_per_neuron, (tau, n)), (n,))
-    return el.call_function(ops.leaky_rnn_scan, (u_t, weight, tau_n, h0), {"activation": act})
+    kwargs: dict[str, Any] = {"activation": leaky.act}
+    if leaky.form != "pre":
+        kwargs["form"] = leaky.form
+    if leaky.act == "leaky_relu":
+        kwargs["slope"] = slope
+    return el.call_function(ops.leaky_rnn_scan, (u_t, weight, tau_n, h0), kwargs)
 
 
 def step_loop(el: Elaborator, s: ast.Scan, scope: Scope, seq: Tensor, inits: list[Tensor], reverse: bool,
