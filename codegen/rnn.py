@@ -10,6 +10,7 @@ sm_90 resource usage of both). The hidden size is padded to a power of two NP >=
 while the weights fit on chip: n <= MAX_N = 128 (GRU: three n x n tiles, LSTM: four; the n = 128 backward
 kernels already spill part of their dW accumulators). For larger n the GRU and LSTM fall back to the
 reference with a warning; leaky_rnn_scan has a second, streaming variant for MAX_N < n <= MAX_STREAM_N = 1024
+MAX_STREAM_SCRATCH = 2**31  # bytes of dW partials the streaming backward may allocate (else: the reference)
 (one program per BLOCK_B rows computes all n outputs each step, reading W tiles from global memory / L2 in a
 loop over (output block, K block), h[t-1] read back from the output with a barrier between steps; backward
 the same way with per-program fp32 dW partials [programs, n, n]), and the reference above that.
@@ -45,6 +46,7 @@ BLOCK_B = 16
 # [cdiv(B, BLOCK_B), n, n] in global memory (4 MiB per program at n = 1024). Tests lower STREAM_MIN_N to force
 # the streaming kernels at small n and STREAM_BLOCK to get several tiles.
 MAX_STREAM_N = 1024
+MAX_STREAM_SCRATCH = 2**31  # bytes of dW partials the streaming backward may allocate (else: the reference)
 STREAM_MIN_N = MAX_N + 1
 STREAM_BLOCK = 64
 
@@ -330,15 +332,15 @@ def _leaky_stream_fwd_kernel(
 @triton.jit
 def _leaky_stream_bwd_kernel(
     x_ptr, w_ptr, tau_ptr, h0_ptr, h_ptr, gh_ptr,  # as forward; gh: dL/dh [B, T, n]
-    gx_ptr, gw_ptr, gtau_ptr, gh0_ptr, gq_ptr,  # gx: [B, T, n]; gw: [P, n, n]; gtau: [P, n]; gh0, gq: [B, n]
+    gx_ptr, gw_ptr, gtau_ptr, gh0_ptr, gq_ptr, gp_ptr,  # gx: [B, T, n]; gw: [P, n, n]; gtau: [P, n]; gh0, gq, gp: [B, n] fp32
     B, T, n, slope,
     HAS_H0: tl.constexpr, ACT: tl.constexpr, POST: tl.constexpr, BLOCK_B: tl.constexpr, BN: tl.constexpr,
     PREC: tl.constexpr,
 ):
     """Reverse-time BPTT of the streaming forward, same row blocks. gh0 holds the carry dL/dh[t] between steps
     (dL/dh0 at the end). Each step: (1) per output block j, recompute p[t] (streaming W), g = gh[t] + carry,
-    store gp = dL/dp into gx[t] and the leak part of dL/dh[t-1] into the scratch gq, accumulate dtau in the
-    program's fp32 partial; barrier; (2) per input block k, carry[k] = gq[k] + sum_j gp[j] @ W[j, k] and
+    store gp = dL/dp into gx[t] and into the fp32 scratch gp, the leak part of dL/dh[t-1] into the scratch gq,
+    accumulate dtau in the program's fp32 partial; barrier; (2) per input block k, carry[k] = gq[k] + sum_j gp[j] @ W[j, k] and
     dW[j, k] += gp[j].T @ h[t-1][k] into the program's fp32 partial [n, n]; barrier. Partials are summed on
     the host."""
     pid = tl.program_id(0)
@@ -373,6 +375,7 @@ def _leaky_stream_bwd_kernel(
             gp, g_leak, g_tau = _leaky_cell_grad(g, hj, h_cur, q, z, p, tau, ACT, POST, slope)
             gp = tl.where(mj, gp, 0.0)
             tl.store(gx_ptr + offs, gp.to(gx_ptr.dtype.element_ty), mask=mj)
+            tl.store(gp_ptr + rows64 * n + cj[None, :], gp, mask=mj)
             tl.store(gq_ptr + rows64 * n + cj[None, :], g_leak, mask=mj)
             gtau = tl.sum(tl.where(mj, g_tau, 0.0), axis=0)
             gtau += tl.load(gtau_prog + cj, mask=(cj < n) & acc_on, other=0.0, cache_modifier=".cg")
@@ -386,8 +389,8 @@ def _leaky_stream_bwd_kernel(
             for j0 in range(0, n, BN):
                 cj = j0 + ar
                 mj = rmask[:, None] & (cj < n)[None, :]
-                gp = tl.load(gx_ptr + (rows64 * T + t) * n + cj[None, :], mask=mj, other=0.0,
-                             cache_modifier=".cg").to(tl.float32)  # [BB, BN(j)]
+                gp = tl.load(gp_ptr + rows64 * n + cj[None, :], mask=mj, other=0.0,
+                             cache_modifier=".cg")  # [BB, BN(j)] fp32
                 wjk = (cj < n)[:, None] & (ck < n)[None, :]
                 w_offs = cj[:, None].to(tl.int64) * n + ck[None, :]
                 w = tl.load(w_ptr + w_offs, mask=wjk, other=0.0).to(tl.float32)  # [BN(j), BN(k)]
@@ -722,6 +725,11 @@ def _leaky_backward(ctx, gh):
     variant = "reference"
     if use_triton(x_proj, w_rec, tau, h0) and T > 0 and B > 0:
         variant = "registers" if n < STREAM_MIN_N and n <= MAX_N else "stream" if n <= MAX_STREAM_N else "reference"
+        scratch = triton.cdiv(B, BLOCK_B) * n * n * 4
+        if variant == "stream" and scratch > MAX_STREAM_SCRATCH:
+            warnings.warn(f"leaky_rnn_scan backward: the per-program dW partials would take {scratch / 2**30:.1f} "
+                          f"GiB (> {MAX_STREAM_SCRATCH / 2**30:.1f} GiB); running the PyTorch reference instead")
+            variant = "reference"
     if variant != "reference":
         x = x_proj.contiguous()
         flags = dict(HAS_H0=h0 is not None, ACT=_ACT_CODE[ctx.activation], POST=ctx.form == "post")
@@ -736,7 +744,8 @@ def _leaky_backward(ctx, gh):
         else:
             gh0 = _empty((B, n), x, torch.float32)  # the carry between steps, fp32
             gq = _empty((B, n), x, torch.float32)  # scratch: the leak part of dL/dh[t-1]
-            _leaky_stream_bwd_kernel[grid](*args, gh0, gq, B, T, n, float(ctx.slope), **flags, **cfg)
+            gp = _empty((B, n), x, torch.float32)  # scratch: dL/dp[t] of the current step
+            _leaky_stream_bwd_kernel[grid](*args, gh0, gq, gp, B, T, n, float(ctx.slope), **flags, **cfg)
             gh0 = gh0.to(x.dtype)
         gw, gtau = gw.sum(0).to(w_rec.dtype), gtau.sum(0).to(tau.dtype)
     else:

@@ -91,6 +91,14 @@ def test_streaming_is_the_default_above_max_n(triton_backend, recwarn, monkeypat
     assert not [w for w in recwarn if "leaky_rnn_scan" in str(w.message)]
 
 
+def test_streaming_backward_falls_back_when_partials_too_large(triton_backend, streaming, monkeypatch):
+    """The streaming forward still runs; the backward warns and takes the reference VJP."""
+    monkeypatch.setattr(rnn, "MAX_STREAM_SCRATCH", 1000)
+    monkeypatch.setattr(rnn, "_leaky_stream_bwd_kernel", _Forbidden("_leaky_stream_bwd_kernel"))
+    with pytest.warns(UserWarning, match="dW partials"):
+        _check(*_inputs(3, 3, 20, True, seed=10), "leaky_relu", "post")
+
+
 def _leaky_relu(v, slope):
     return v if v > 0 else slope * v
 
