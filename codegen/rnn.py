@@ -332,17 +332,18 @@ def _leaky_stream_fwd_kernel(
 @triton.jit
 def _leaky_stream_bwd_kernel(
     x_ptr, w_ptr, tau_ptr, h0_ptr, h_ptr, gh_ptr,  # as forward; gh: dL/dh [B, T, n]
-    gx_ptr, gw_ptr, gtau_ptr, gh0_ptr, gq_ptr, gp_ptr,  # gx: [B, T, n]; gw: [P, n, n]; gtau: [P, n]; gh0, gq, gp: [B, n] fp32
+    gx_ptr, gw_ptr, gtau_ptr, gh0_ptr,  # gx: [B, T, n]; gw: [P, n, n]; gtau: [P, n]; gh0: [B, n] fp32
+    gq_ptr, gp_ptr,  # fp32 scratch [B, n]
     B, T, n, slope,
     HAS_H0: tl.constexpr, ACT: tl.constexpr, POST: tl.constexpr, BLOCK_B: tl.constexpr, BN: tl.constexpr,
     PREC: tl.constexpr,
 ):
     """Reverse-time BPTT of the streaming forward, same row blocks. gh0 holds the carry dL/dh[t] between steps
     (dL/dh0 at the end). Each step: (1) per output block j, recompute p[t] (streaming W), g = gh[t] + carry,
-    store gp = dL/dp into gx[t] and into the fp32 scratch gp, the leak part of dL/dh[t-1] into the scratch gq,
-    accumulate dtau in the program's fp32 partial; barrier; (2) per input block k, carry[k] = gq[k] + sum_j gp[j] @ W[j, k] and
-    dW[j, k] += gp[j].T @ h[t-1][k] into the program's fp32 partial [n, n]; barrier. Partials are summed on
-    the host."""
+    store gp = dL/dp into gx[t] and into the fp32 scratch gp, the leak part of dL/dh[t-1] into the scratch
+    gq, accumulate dtau in the program's fp32 partial; barrier; (2) per input block k,
+    carry[k] = gq[k] + sum_j gp[j] @ W[j, k] and dW[j, k] += gp[j].T @ h[t-1][k] into the program's fp32
+    partial [n, n]; barrier. Partials are summed on the host."""
     pid = tl.program_id(0)
     rows = pid * BLOCK_B + tl.arange(0, BLOCK_B)
     rmask = rows < B

@@ -209,8 +209,10 @@ NEAR_MISSES = {
     "two_recurrent_terms": "h = tanh((1.0 - 1.0 / tau) * h + (h @ w + h @ w + w_in(x.t)) / tau)",
     "input_reads_state": "h = tanh((1.0 - 1.0 / tau) * h + (h @ w + w_in(x.t) * h) / tau)",
     "leak_on_h_squared": "h = tanh((1.0 - 1.0 / tau) * (h * h) + (h @ w + w_in(x.t)) / tau)",
-    "matrix_on_the_left": "h = tanh((1.0 - 1.0 / tau) * h + (transpose(w @ transpose(h, 0, 1), 0, 1) + w_in(x.t)) / tau)",
-    "inline_time_reduction": "h = tanh((1.0 - 1.0 / tau) * h + (h @ w + w_in(x.t) + mean(w_in(x.t), 1, keepdim=true)) / tau)",
+    "matrix_on_the_left":
+        "h = tanh((1.0 - 1.0 / tau) * h + (transpose(w @ transpose(h, 0, 1), 0, 1) + w_in(x.t)) / tau)",
+    "inline_time_reduction":
+        "h = tanh((1.0 - 1.0 / tau) * h + (h @ w + w_in(x.t) + mean(w_in(x.t), 1, keepdim=true)) / tau)",
     "time_reduction_in_input": "h = tanh((1.0 - 1.0 / tau) * h + (h @ w + u) / tau)",
     "no_input": "h = tanh((1.0 - 1.0 / tau) * h + (h @ w) / tau)",
 }
