@@ -177,8 +177,8 @@ def try_fused(el: Elaborator, s: ast.Scan, scope: Scope, seq: Tensor, inits: lis
             leaky = None
         if linear is not None and not all(step_safe(e, scope, s.states) for e in linear):
             linear = None
-    if leaky is not None and leaky.form == "post" and not flat.inlined \
-            and not leaky_step_safe(leaky, scope, s.states):
+    if leaky is not None and (leaky.form == "post" or leaky.matrix) and not flat.inlined \
+            and not leaky_step_safe(leaky, scope, s.states):  # the forms added with the post form: checked always
         leaky = None
     frame = ScanFrame("full")
     el.scan_frames.append(frame)
