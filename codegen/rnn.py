@@ -78,7 +78,7 @@ def leaky_rnn_scan_reference(x_proj, w_rec, tau, h0=None, activation="tanh", for
         else:
             h = h + (_act_reference(h @ w_rec.T + x_proj[:, t], activation, slope) - h) / tau
         hs.append(h)
-    return torch.stack(hs, 1)
+    return torch.stack(hs, 1) if hs else x_proj.new_zeros(B, 0, n)
 
 
 def gru_scan_reference(x_proj, w_hh, b_hh, h0=None):

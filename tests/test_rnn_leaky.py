@@ -99,6 +99,16 @@ def test_streaming_backward_falls_back_when_partials_too_large(triton_backend, s
         _check(*_inputs(3, 3, 20, True, seed=10), "leaky_relu", "post")
 
 
+@pytest.mark.parametrize("B,T", [(0, 3), (2, 0)])
+def test_empty_batch_or_sequence(triton_backend, B, T):
+    x, w, tau, h0 = _inputs(B, T, 5, True)
+    h = leaky_rnn_scan(x, w, tau, h0, activation="leaky_relu", form="post")
+    assert h.shape == (B, T, 5)
+    h.sum().backward()  # no kernel launch with an empty grid
+    for leaf in (x, w, tau, h0):
+        assert leaf.grad is None or (leaf.grad.shape == leaf.shape and not leaf.grad.any())
+
+
 def _leaky_relu(v, slope):
     return v if v > 0 else slope * v
 
