@@ -21,7 +21,8 @@ from .ctor import recorded
 
 __all__ = [
     "TopKGate", "SoftGate", "HardGate", "Experts", "BranchRoute", "PathCombine", "ExitPoint", "ExitScore", "ExitFinal",
-    "ScanLoop", "LiveBound", "exit_policy", "exit_rows", "batch_dim", "token_shuffle", "token_unshuffle", "zeros_batch",
+    "ScanLoop", "LiveBound", "branch_capacity", "exit_policy", "exit_rows", "batch_dim", "token_shuffle",
+    "token_unshuffle", "zeros_batch",
 ]
 
 
@@ -161,14 +162,25 @@ class BranchRoute(nn.Module):
     scattered back: pre-gate semantics, no masked-away compute). Modes: "rows" (token rows of all samples
     together, for row-wise branches), "tokens" (each sample's chosen tokens as one sequence, for branches
     that mix tokens such as attention), "samples" (a per-sample gate sends whole samples).
+
+    `capacity_factor` > 0 (mode "rows" only): each branch runs on a static batch of
+    C = `branch_capacity(rows, k, branches, capacity_factor)` rows, the first C rows (in row order) that
+    chose it, zero-padded when fewer did; the rows over a branch's capacity are dropped from it (they add
+    0, as `route_tokens` drops tokens over an expert's capacity). Shapes then come from the input's shape
+    alone: no host read, and a static graph under torch.compile.
     """
 
-    def __init__(self, branches: Sequence[nn.Module], mode: str = "rows", extras: Optional[list] = None):
+    def __init__(self, branches: Sequence[nn.Module], mode: str = "rows", extras: Optional[list] = None,
+                 capacity_factor: float = 0.0):
         super().__init__()
         # the branches' modules are registered on the model at their spec paths; holding the branch graphs
         # outside the registry keeps each parameter under one name in state_dict
         object.__setattr__(self, "branches", list(branches))
         self.mode = mode
+        if capacity_factor < 0 or (capacity_factor > 0 and mode != "rows"):
+            raise ValueError(f"BranchRoute: capacity_factor must be >= 0 and needs mode 'rows', got "
+                             f"{capacity_factor} in mode {mode!r}")
+        self.capacity_factor = float(capacity_factor)
         # per branch, for each outside tensor it reads: whether it travels with the rows (same leading dims)
         self.extras = [list(e) for e in (extras or [[] for _ in branches])]
 
@@ -188,8 +200,47 @@ class BranchRoute(nn.Module):
         lead = x.shape[:-1]
         flat = [[e.reshape(-1, *e.shape[len(lead):]) if rowwise else e for e, rowwise in zip(es, flags)]
                 for es, flags in zip(per_branch, self.extras)]
-        out = self._route(x.reshape(-1, x.shape[-1]), weights, indices, flat)
+        route = self._route_capped if self.capacity_factor > 0 else self._route
+        out = route(x.reshape(-1, x.shape[-1]), weights, indices, flat)
         return out.reshape(*lead, out.shape[-1])
+
+    def capacity(self, rows: int, k: int) -> int:
+        """The static row count each branch runs on for `rows` rows choosing `k` branches each."""
+        return branch_capacity(rows, k, len(self.branches), self.capacity_factor)
+
+    def _route_capped(self, xs: Tensor, weights: Tensor, indices: Tensor, per_branch: list) -> Tensor:
+        """`_route` with a declared capacity: every shape is static, nothing is read on the host.
+
+        Per branch p: `compact_groups` puts the rows that chose p first (in row order), `gather_rows` packs
+        the first C of them into a [C, ...] batch (zero past the count), the branch runs on it, and the
+        result is added back at rows perm[p, :C] with the padding rows (j >= count) masked to 0. Entries
+        j >= count of perm[p] are rows that did not choose p (weight 0): all C rows are distinct, so the
+        index_add is deterministic. Rows that chose p past its capacity are not in perm[p, :C]: dropped.
+        """
+        n, k = xs.shape[0], indices.shape[-1]
+        w = weights.reshape(n, weights.shape[-1])  # [N, k] (explicit k: N may be 0)
+        idx = indices.reshape(n, k)  # [N, k]
+        cap = self.capacity(n, k)
+        keep = (idx.unsqueeze(0) == self._branch_ids(idx)).any(-1)  # [P, N]
+        perms, counts = ops.compact_groups(keep)  # [P, N], [P] (on the device)
+        live = torch.arange(cap, device=xs.device).unsqueeze(0) < counts.unsqueeze(1)  # [P, C]
+        out: Optional[Tensor] = None
+        for p, branch in enumerate(self.branches):
+            wp = (w * (idx == p).to(w.dtype)).sum(-1)  # [N]
+            rows = perms[p, :cap]  # [C]: the first C rows of branch p, then rows that did not choose it
+            travelling = [e for e, rowwise in zip(per_branch[p], self.extras[p]) if rowwise]
+            chosen, *moved = [_gather(t, perms[p], counts[p: p + 1], cap) for t in (xs, *travelling)]
+            gathered = iter(moved)
+            inputs = [next(gathered) if rowwise else e for e, rowwise in zip(per_branch[p], self.extras[p])]
+            yp = branch(chosen, *inputs)  # [C, ...]
+            yp = yp * wp.index_select(0, rows).reshape(-1, *([1] * (yp.dim() - 1)))
+            mask = live[p].reshape(-1, *([1] * (yp.dim() - 1)))
+            yp = torch.where(mask, yp, yp.new_zeros(()))  # padding rows add exactly 0 (even if yp is inf)
+            if out is None:
+                out = xs.new_zeros(n, *yp.shape[1:], dtype=yp.dtype)
+            out = out.index_add(0, rows, yp)
+        assert out is not None
+        return out
 
     # At run time each branch needs its row count on the host (a branch is an ordinary module: its shapes
     # are Python ints). Eager mode finds every branch's rows on the device first (`compact_groups`: one
@@ -299,11 +350,20 @@ class BranchRoute(nn.Module):
 
 
 def _gather(t: Tensor, perm: Tensor, count: Tensor, size: int) -> Tensor:
-    """Rows perm[:size] of t [N, ...] (size: the group's count, already on the host): `gather_rows` for
-    floating tensors (differentiable; its Triton kernel on the GPU), plain `index_select` for the others."""
+    """Rows perm[:size] of t [N, ...] (size: the group's count, already on the host, or a static capacity):
+    `gather_rows` for floating tensors (differentiable; its Triton kernel on the GPU; zero past the count),
+    plain `index_select` for the others (size <= N)."""
     if t.is_floating_point():
         return ops.gather_rows(t, perm, count, size)
     return t.index_select(0, perm[:size])
+
+
+def branch_capacity(rows: int, k: int, branches: int, factor: float) -> int:
+    """C = ceil(factor · rows · k / branches), at least 1 and at most `rows` (0 for no rows): the static
+    number of rows a branch of a capacity-bounded route runs on (the rule of `TopKGate`'s capacity)."""
+    if rows <= 0:
+        return 0
+    return max(1, min(rows, math.ceil(factor * rows * k / branches)))
 
 
 @recorded
