@@ -18,3 +18,4 @@ from .router import RouterOutput, route_tokens, topk_gate
 from .moe import moe_ffn
 from .multiscan import multi_route_linear_scan, multi_route_selective_scan, route_table
 from .compaction import compact_groups
+from .linear_combine import linear_combine
