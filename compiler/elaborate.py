@@ -13,6 +13,7 @@ is reported once) and raised together as a `RouteError`.
 from __future__ import annotations
 
 import difflib
+import math
 import operator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -60,6 +61,8 @@ POISON: Any = _Poison()
 
 CONSTANTS = ("eye", "route_table", "arange")
 GATE_KINDS = ("topk", "softmax", "sigmoid", "threshold", "bernoulli", "gumbel", "argmax", "keyed")
+# Gates that take `capacity=<factor>` (hard choices a route sends rows by; see Elaborator.gate_capacity).
+CAPACITY_GATES = ("topk", "argmax", "threshold", "bernoulli", "gumbel")
 COMBINE_MODES = ("sum", "mean", "max", "concat")
 EXIT_RULES = ("confidence", "entropy")
 INITIALISERS = ("zeros", "ones", "normal", "uniform", "constant", "xavier", "kaiming", "arange", "linspace",
@@ -1124,7 +1127,8 @@ class Elaborator:
             return
         args = [self.static(a, scope, "a gate argument") for a in getattr(kind_expr, "args", ())]
         kwargs = {k.name: self.static(k.value, scope, "a gate argument") for k in getattr(kind_expr, "kwargs", ())}
-        numbers = [(f"option `{k}`", v) for k, v in kwargs.items() if k in ("capacity", "temperature", "t", "tau")]
+        capacity, capacity_span = self.gate_capacity(str(kind), kind_expr, kwargs)
+        numbers = [(f"option `{k}`", v) for k, v in kwargs.items() if k in ("temperature", "t", "tau")]
         if args and kind != "topk":
             numbers.append(("argument", args[0]))
         for what, value in numbers:
@@ -1150,7 +1154,7 @@ class Elaborator:
             d = x.shape[-1] if x is not None and isinstance(x.shape[-1], int) else None
             module = runtime.TopKGate(k, choices, d=d, noisy=bool(kwargs.get("noisy", False)),
                                       normalize=bool(kwargs.get("normalize", False)),
-                                      capacity_factor=float(kwargs.get("capacity", 0.0)))
+                                      capacity_factor=capacity)
             if self.lookup_module(path) is None:
                 self.register(path, module)
             call_args = (scores, x) if module.w_noise is not None else (scores,)
@@ -1160,7 +1164,8 @@ class Elaborator:
             if kwargs.get("aux", True):
                 self.aux_losses.append(self.getitem(node, 2))
             self.stats.append(("gate", s.name, idx.node))
-            scope.names[s.name] = GateValue("topk", w, idx, choices, k, s.span, s.name, timing)
+            scope.names[s.name] = GateValue("topk", w, idx, choices, k, s.span, s.name, timing, capacity,
+                                            capacity_span)
             return
         gate_module: nn.Module
         if kind in ("softmax", "sigmoid"):
@@ -1174,7 +1179,25 @@ class Elaborator:
             self.register(path, gate_module)
         w = Tensor(self.call_module(path, (scores,)), scores.shape)
         self.stats.append(("gate", s.name, w.node))
-        scope.names[s.name] = GateValue(kind, w, None, choices, 1, s.span, s.name, timing)
+        scope.names[s.name] = GateValue(kind, w, None, choices, 1, s.span, s.name, timing, capacity, capacity_span)
+
+    def gate_capacity(self, kind: str, kind_expr: Any, kwargs: dict) -> tuple[float, Optional[Span]]:
+        """A hard gate's `capacity=<factor>` option (0.0 when absent) and where it was written. A route by
+        the gate runs each branch on ceil(factor · rows · k / branches) rows (runtime.branch_capacity)."""
+        if "capacity" not in kwargs:
+            return 0.0, None
+        span = next(kw.span for kw in kind_expr.kwargs if kw.name == "capacity")
+        value = kwargs["capacity"]
+        if kind not in CAPACITY_GATES:
+            self.error("R132", f"`{kind}` has no option `capacity` (a capacity bounds the rows a hard gate sends "
+                       f"to each branch: gates " + ", ".join(f"`{g}`" for g in CAPACITY_GATES) + ")", span)
+        if not _is_number(value):
+            self.error("R132", f"`{kind}` option `capacity` must be a number, got {describe(value)}", span)
+        if not (value > 0 and math.isfinite(value)):
+            self.error("R132", f"`{kind}` option `capacity` must be a number > 0, got {value}", span,
+                       help="a capacity factor f gives each branch ceil(f · rows · k / branches) rows; "
+                            "leave the option out for no capacity")
+        return float(value), span
 
     def keyed_gate(self, s: ast.Gate, kind_expr: Any, scope: Scope) -> None:
         """`keyed(key, n)`: choice `key` (a per-sample long tensor [B] or a static int) out of n, weight 1."""
@@ -1300,10 +1323,12 @@ class Elaborator:
             if tuple(shp[-1:]) != tuple(shapes[0][-1:]):
                 self.error("R121", f"route branches must produce equal widths, got "
                            f"{render_shape(shapes[0])} and {render_shape(shp)}", br.span)
+        capacity = self.route_capacity(e, gate, mode)
         path = join(scope.prefix, f"route_{gate.name}")
         if self.lookup_module(path) is None:
             self.register(path, runtime.BranchRoute(modules, mode=mode,
-                                                    extras=[[rowwise for _, rowwise in e] for e in extras]))
+                                                    extras=[[rowwise for _, rowwise in e] for e in extras],
+                                                    **({"capacity_factor": capacity} if capacity else {})))
         if gate.indices is not None:
             w, idx = gate.weights, gate.indices
         else:  # a one-hot or dense gate: the chosen branch is the argmax, weighted by its (STE) value
@@ -1315,6 +1340,24 @@ class Elaborator:
         if per_sample:
             return Tensor(node, x.shape[:1] + tuple(shapes[0][1:]))
         return Tensor(node, x.shape[:-1] + tuple(shapes[0][-1:]))
+
+    def route_capacity(self, e: ast.Route, gate: GateValue, mode: str) -> float:
+        """The capacity factor of a route by `gate` (0.0: none). Only row-wise routes ("rows" mode) run
+        capacity-bounded branches: elsewhere padding rows would enter a branch's attention or batch
+        statistics, so a capacity is an error there — except for `topk`, whose router already drops the
+        weights over capacity (those rows then run and contribute 0, as before)."""
+        if not gate.capacity or mode == "rows":
+            return gate.capacity
+        if gate.kind == "topk":
+            return 0.0
+        what = "whole samples (a per-sample gate)" if mode == "samples" else \
+            "token sets of branches that mix tokens (attention, convolution, …)"
+        notes = [Note(message="the capacity is declared here", span=gate.capacity_span)] if gate.capacity_span else []
+        self.error("R136", f"gate `{gate.name}` declares a capacity, but this route sends {what}: a capacity "
+                   "needs row-wise branches (padding rows would enter the others' token mixing or batch "
+                   "statistics)", e.span, notes=notes,
+                   help="remove `capacity=` or make every branch row-wise (Linear, MLP, norms over the last "
+                        "dimension)")
 
     def route_subgraphs(self, target: ast.RouteBranches, x: Tensor, row_shape: tuple, scope: Scope,
                         probe: bool) -> Optional[tuple[list[fx.GraphModule], list[tuple], list[list]]]:

@@ -99,6 +99,8 @@ class GateValue:
     span: Span
     name: str
     timing: str = "pre"
+    capacity: float = 0.0  # the gate's `capacity=` factor (0: none); a route by the gate bounds each branch
+    capacity_span: Optional[Span] = None  # where the option was written
 
 
 @dataclass
