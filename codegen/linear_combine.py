@@ -223,7 +223,7 @@ def linear_combine_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], ot
     _linear_combine_fwd_kernel[grid](
         x2, w, bias if bias is not None else w, others_c, table, y, M, N, K, rows_per_g,
         Q=Q, MODE=_MODE_CODE[mode], HAS_BIAS=bias is not None, UPCAST=interpreting(),
-        PRECISION="ieee" if x2.dtype == torch.float32 else "tf32",
+        PRECISION="ieee" if x2.dtype == torch.float32 else None,  # fp32: exact, not TF32
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
     )
     return y
