@@ -308,14 +308,21 @@ def routing_statistics(net: Any, xs: list) -> list[str]:
     import torch
     import torch.fx as fx
 
+    from ..codegen.runtime import BranchRoute
+
     wanted = {node_name: (kind, name) for kind, name, node_name in net.routing}
     seen: dict[str, Any] = {}
+    dropped: list[str] = []  # capacity-bounded branch routes: rows over a branch's capacity
 
     class Recorder(fx.Interpreter):
         def run_node(self, n: fx.Node) -> Any:
             value = super().run_node(n)
             if n.name in wanted:
                 seen[n.name] = value
+            if n.op == "call_module":
+                module = self.fetch_attr(str(n.target))
+                if isinstance(module, BranchRoute) and module.capacity_factor > 0:
+                    dropped.append(capacity_drops(str(n.target), module, self.env[n.args[2]]))  # type: ignore[index]
             return value
 
     with torch.no_grad():
@@ -332,7 +339,21 @@ def routing_statistics(net: Any, xs: list) -> list[str]:
         else:  # weights per choice
             mean = value.detach().float().reshape(-1, value.shape[-1]).mean(0)
             lines.append(f"{kind} {name} mean weights: " + " ".join(f"{w:.2f}" for w in mean.tolist()))
-    return lines
+    return lines + dropped
+
+
+def capacity_drops(name: str, route: Any, indices: Any) -> str:
+    """`route <name> capacity C: dropped …`: the rows each branch of a capacity-bounded route did not run
+    (chosen beyond the branch's capacity; they contribute 0)."""
+    import torch
+
+    idx = indices.reshape(-1, indices.shape[-1])  # [N, k]
+    rows = idx.shape[0]
+    cap = route.capacity(rows, idx.shape[-1])
+    chosen = torch.stack([(idx == p).any(-1).sum() for p in range(len(route.branches))])  # [P]
+    over = (chosen - cap).clamp(min=0).tolist()
+    return (f"route {name} capacity {cap} rows/branch: dropped {sum(over)} of {rows} rows ("
+            + " ".join(str(o) for o in over) + " per branch)")
 
 
 def cmd_compile(args: argparse.Namespace) -> int:

@@ -413,3 +413,56 @@ model PerSample(d: int = 8) {
 """
     with pytest.raises(RouteError, match="R136|declares a capacity"):
         compile_source(spec, "persample.route")
+
+
+def test_emitted_module_rebuilds_the_capacity(reference_backend, tmp_path):
+    from routec.compiler import load
+    from routec.compiler.emit import emit_module
+
+    spec = tmp_path / "capped.route"
+    spec.write_text(CAPPED, encoding="utf-8")
+    torch.manual_seed(0)
+    net = load(spec, cap=0.5).eval()
+    source = emit_module(net, spec, {"cap": 0.5})
+    assert "capacity_factor=0.5" in source
+    path = tmp_path / "capped_routec.py"
+    path.write_text(source, encoding="utf-8")
+    import importlib.util
+
+    module_spec = importlib.util.spec_from_file_location("capped_routec_emitted", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    rebuilt = module.Capped().eval()
+    rebuilt.load_state_dict(net.state_dict())
+    (route,) = [m for m in rebuilt.modules() if isinstance(m, runtime.BranchRoute)]
+    assert route.capacity_factor == 0.5
+    x = torch.randn(2, 9, 8, generator=_gen(14))
+    with torch.no_grad():
+        torch.testing.assert_close(rebuilt(x), net(x), rtol=0, atol=0)
+
+
+def test_run_reports_dropped_rows(reference_backend, tmp_path, capsys):
+    from routec.compiler.cli import main
+
+    spec = tmp_path / "capped.route"
+    spec.write_text(CAPPED, encoding="utf-8")
+    assert main(["run", str(spec), "--batch", "2", "--length", "9", "--repeats", "1"]) == 0
+    out = capsys.readouterr().out
+    line = next(ln for ln in out.splitlines() if "dropped" in ln)
+    cap = runtime.branch_capacity(18, 1, 3, 0.75)
+    assert f"route route_r capacity {cap} rows/branch: dropped " in line
+    loads = next(ln for ln in out.splitlines() if ln.strip().startswith("gate r"))
+    assert loads  # the gate's statistics are still there
+    per_branch = [int(v) for v in line.split("(")[1].split(" per branch")[0].split()]
+    assert len(per_branch) == 3 and int(line.split("dropped ")[1].split()[0]) == sum(per_branch)
+
+
+def test_capacity_drops_counts_by_hand():
+    from routec.compiler.cli import capacity_drops
+
+    route = runtime.BranchRoute([nn.Identity()] * 3, mode="rows", capacity_factor=0.5)
+    indices = torch.tensor([0, 0, 0, 0, 1, 0, 2, 0]).reshape(2, 4, 1)  # C = ceil(0.5 * 8 / 3) = 2
+    want = "route r capacity 2 rows/branch: dropped 4 of 8 rows (4 0 0 per branch)"
+    assert capacity_drops("r", route, indices) == want
+    two = torch.tensor([[0, 1], [0, 1], [0, 2], [1, 2]])  # k = 2: C = ceil(0.5 * 4 * 2 / 3) = 2
+    assert capacity_drops("r", route, two) == "route r capacity 2 rows/branch: dropped 2 of 4 rows (1 1 0 per branch)"
