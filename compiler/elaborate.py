@@ -12,9 +12,11 @@ is reported once) and raised together as a `RouteError`.
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import math
 import operator
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, NoReturn, Optional
@@ -108,6 +110,31 @@ class Scope:
 
     def child(self, prefix: Optional[str] = None) -> "Scope":
         return Scope(prefix=self.prefix if prefix is None else prefix, parent=self)
+
+
+def _mentions_node(scope: Scope, node: fx.Node) -> bool:
+    """Whether a value bound in `scope` or its parents (names, shuffles) is or holds `node`."""
+    def holds(v: Any, depth: int = 0) -> bool:
+        if isinstance(v, fx.Node):
+            return v is node
+        if isinstance(v, Tensor):
+            return v.node is node
+        if depth > 4:
+            return False
+        if isinstance(v, (list, tuple, set)):
+            return any(holds(u, depth + 1) for u in v)
+        if isinstance(v, dict):
+            return any(holds(u, depth + 1) for u in v.values())
+        if dataclasses.is_dataclass(v) and not isinstance(v, type):  # GateValue, Partial, ExitArray, …
+            return any(holds(getattr(v, f.name), depth + 1) for f in dataclasses.fields(v))
+        return False
+
+    s: Optional[Scope] = scope
+    while s is not None:
+        if holds(list(s.names.values())) or holds(s.shuffles):
+            return True
+        s = s.parent
+    return False
 
 
 def join(prefix: str, name: str) -> str:
@@ -1599,6 +1626,8 @@ class Elaborator:
 
     def combine(self, path: str, mode: str, s: ast.Paths, values: list[Tensor], weights: Optional[Tensor],
                 drop: float, scope: Scope, dim: int = -1) -> None:
+        if mode in ("sum", "mean", "gate") and drop == 0 and self.fuse_linear_combine(s, mode, values, weights, scope):
+            return
         if self.lookup_module(path) is None:
             self.register(path, runtime.PathCombine(mode, dim=dim, drop=drop))
         kwargs = {}
@@ -1617,6 +1646,40 @@ class Elaborator:
             size: int | str = sum(ints) if len(ints) == len(total) else "?"
             shape = shape[:d] + (size,) + shape[d + 1:]
         scope.names[s.name] = Tensor(node, shape)
+
+    def fuse_linear_combine(self, s: ast.Paths, mode: str, values: list[Tensor], weights: Optional[Tensor],
+                            scope: Scope) -> bool:
+        """Lower `combine sum|mean|gate` whose last path ends with a call of an `nn.Linear` into one
+        `ops.linear_combine` call: the Linear's GEMM with the combine in its epilogue. Needs: two or more paths,
+        the last path's value the output of a `call_module` to a plain `nn.Linear` made in this graph, read by
+        nothing else (no user, no other path, no name, shuffle or dim source that could read it later). The
+        Linear stays registered (the op reads its parameters with get_attr: state_dict names unchanged) and its
+        now unused call is erased. ROUTEC_COMBINE_FUSION=0 (read at compile time) keeps the unfused lowering.
+        Sets `scope.names[s.name]` and returns True when it fused, else changes nothing and returns False."""
+        if os.environ.get("ROUTEC_COMBINE_FUSION", "1") == "0" or len(values) < 2:
+            return False
+        graph = self.ctx.graph
+        linear = values[-1].node
+        if linear.op != "call_module" or len(linear.args) != 1 or linear.kwargs or linear.users \
+                or linear.graph is not graph or any(v.node is linear for v in values[:-1]) \
+                or (weights is not None and weights.node is linear):
+            return False
+        module = self.lookup_module(str(linear.target))
+        x = linear.args[0]
+        if type(module) is not nn.Linear or not isinstance(x, fx.Node):
+            return False
+        if any(node is linear for node, _ in self.ctx.dim_sources.values()) or _mentions_node(scope, linear):
+            return False
+        target = str(linear.target)
+        weight = self.get_param_node(f"{target}.weight")
+        bias = self.get_param_node(f"{target}.bias") if module.bias is not None else None
+        shape = values[0].shape
+        others = Tensor(self.call_function(torch.stack, (values[:-1], 0)), (len(values) - 1,) + shape)  # [P-1, *S, N]
+        node = self.call_function(ops.linear_combine, (x, weight, bias, others, weights), {"mode": mode})
+        self.node_shapes.pop(id(linear), None)
+        graph.erase_node(linear)
+        scope.names[s.name] = Tensor(node, shape)
+        return True
 
     # ------------------------------------------------------------------ exits
 

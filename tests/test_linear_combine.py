@@ -186,3 +186,157 @@ def test_kernel_compiles_for_sm90(compile_for_sm90):
              for mode in (0, 2)
              for prec, types in (("ieee", {}), (None, {"x_ptr": "*bf16", "w_ptr": "*bf16", "y_ptr": "*bf16"}))]
     compile_for_sm90("routec.codegen.linear_combine", specs)
+
+
+# ------------------------------------------------------------------------------------ the lowering (elaborate)
+
+from torch import fx  # noqa: E402
+
+from routec.codegen import ops  # noqa: E402
+from routec.compiler import compile_source, load  # noqa: E402
+
+SPEC_SUM = """
+model S(d: int = 8) {
+    in x: [B, L, d]
+    m = Linear(d, d)
+    paths p(x) {
+        a: m(x)
+        b: x -> flip(1) -> m -> flip(1)
+        c: x -> Linear(d, 5) -> gelu -> Linear(5, d)
+    } combine AGG
+    out p
+}
+"""
+
+SPEC_GATE = """
+model G(d: int = 8) {
+    in x: [B, L, d]
+    gate g = GATE of Linear(d, 3)(x)
+    paths p(x) {
+        a: x -> gelu
+        b: x -> Linear(d, d, bias=false) -> tanh
+        c: x -> Linear(d, d)
+    } combine gate g
+    out p
+}
+"""
+
+SPEC_2D = """
+model T(d: int = 8) {
+    in x: [B, d]
+    gate g = softmax of Linear(d, 2)(x)
+    paths p(x) {
+        a: x -> gelu
+        b: x -> Linear(d, 6) -> relu -> Linear(6, d)
+    } combine gate g
+    out p
+}
+"""
+
+
+def _fused_nodes(net):
+    modules = [*net.graph_module.modules(), *net.modules()]
+    steps = [getattr(m, "_step", None) for m in modules]  # scan bodies are held outside the module registry
+    graphs = {id(m.graph): m.graph for m in modules + steps if isinstance(m, fx.GraphModule)}.values()
+    return [n for g in graphs for n in g.nodes if n.op == "call_function" and n.target is ops.linear_combine]
+
+
+def _run(net, inputs, seed=3):
+    leaves = [t.clone().requires_grad_() if t.is_floating_point() else t for t in inputs]
+    torch.manual_seed(seed)  # the same gate / path samples in both builds
+    y = net(*leaves)
+    ys = y if isinstance(y, tuple) else (y,)
+    ys = [v for v in ys if isinstance(v, torch.Tensor) and v.is_floating_point()]
+    g = torch.Generator().manual_seed(seed)
+    loss = sum((v * torch.randn(v.shape, generator=g)).sum() for v in ys)
+    loss.backward()
+    grads = {n: p.grad for n, p in net.named_parameters()}
+    return [v.detach() for v in ys], [t.grad for t in leaves if t.is_floating_point()], grads
+
+
+def _fused_vs_unfused(monkeypatch, build, inputs, expect_fused=1):
+    monkeypatch.setenv("ROUTEC_COMBINE_FUSION", "0")
+    torch.manual_seed(0)
+    plain = build()
+    assert not _fused_nodes(plain)
+    monkeypatch.setenv("ROUTEC_COMBINE_FUSION", "1")
+    torch.manual_seed(0)
+    fused = build()
+    assert len(_fused_nodes(fused)) == expect_fused
+    assert sorted(fused.state_dict()) == sorted(plain.state_dict())  # same names (the order may differ in scans)
+    fused.load_state_dict(plain.state_dict())
+    want, want_dx, want_dp = _run(plain, inputs)
+    got, got_dx, got_dp = _run(fused, inputs)
+    for a, b in zip(got + got_dx, want + want_dx):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert set(got_dp) == set(want_dp)
+    for name in want_dp:
+        assert (got_dp[name] is None) == (want_dp[name] is None), name
+        if want_dp[name] is not None:
+            torch.testing.assert_close(got_dp[name], want_dp[name], rtol=1e-5, atol=1e-6)
+    return fused
+
+
+@pytest.mark.parametrize("agg", ["sum", "mean"])
+def test_lowering_sum_mean(reference_backend, monkeypatch, agg):
+    x = torch.randn(2, 5, 8)
+    _fused_vs_unfused(monkeypatch, lambda: compile_source(SPEC_SUM.replace("AGG", agg), "s.route"), [x])
+
+
+@pytest.mark.parametrize("gate", ["softmax", "topk(2)"])
+def test_lowering_gate(reference_backend, monkeypatch, gate):
+    x = torch.randn(2, 5, 8)
+    _fused_vs_unfused(monkeypatch, lambda: compile_source(SPEC_GATE.replace("GATE", gate), "g.route"), [x])
+
+
+def test_lowering_two_dim_input_on_triton_kernel(triton_backend, monkeypatch):
+    x = torch.randn(3, 8)
+    _fused_vs_unfused(monkeypatch, lambda: compile_source(SPEC_2D, "t.route", fuse=False), [x])
+
+
+NOT_FUSED = {
+    "softmax_gate reads the paths": SPEC_SUM.replace("AGG", "softmax_gate(Linear(3 * d, 3), on=mean(1))"),
+    "sample(drop)": SPEC_SUM.replace("AGG", "sum sample(drop=0.2)"),
+    "concat": SPEC_SUM.replace("AGG", "concat(-1)"),
+    "max": SPEC_SUM.replace("AGG", "max"),
+    "last path is no Linear": SPEC_SUM.replace("Linear(5, d)\n", "Linear(5, d) -> gelu\n").replace("AGG", "sum"),
+    "Linear output named and read later": """
+model N(d: int = 8) {
+    in x: [B, L, d]
+    y = x -> Linear(d, d)
+    paths p(x) {
+        a: x -> gelu
+        b: y
+    } combine sum
+    out p + y
+}
+""",
+}
+
+
+@pytest.mark.parametrize("why", list(NOT_FUSED))
+def test_not_fused(reference_backend, why):
+    net = compile_source(NOT_FUSED[why], "n.route")
+    assert not _fused_nodes(net)
+
+
+def test_stdlib_global_workspace_fused_vs_unfused(reference_backend, monkeypatch):
+    """`output: w -> read_out -> Linear(classes, dw)` ends the last path of `combine gate g` in a scan body."""
+    small = dict(digits=10, classes=19, dw=8, n=12, n_in=1, hidden=16)
+    g = torch.Generator().manual_seed(5)
+    a = torch.randn(3, 10, generator=g)
+    x = torch.randn(3, 4, 1, generator=g)
+    _fused_vs_unfused(monkeypatch, lambda: load("stdlib:global_workspace", **small), [a, x])
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_example_paths_fused_vs_unfused(reference_backend, monkeypatch, train):
+    """examples/paths.route: GatedPair's `wide: … -> Linear(2 * d, d)` ends the last path of `combine gate g`."""
+    from pathlib import Path
+
+    spec = Path(__file__).resolve().parents[1] / "examples" / "paths.route"
+
+    def build():
+        return load(spec, d=16, depth=1).train(train)
+
+    _fused_vs_unfused(monkeypatch, build, [torch.randn(2, 5, 16)])
