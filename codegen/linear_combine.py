@@ -102,7 +102,7 @@ def linear_combine_reference(x: Tensor, weight: Tensor, bias: Optional[Tensor], 
 # ------------------------------------------------------------------------------------------------ kernel
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M"])  # M = 1 stays a runtime scalar (M.to below), and row counts vary
 def _linear_combine_fwd_kernel(
     x_ptr,  # [M, K] contiguous
     w_ptr,  # [N, K] contiguous (the Linear's weight)
@@ -220,11 +220,12 @@ def linear_combine_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], ot
         table, rows_per_g = x2, 1
     block_m, block_n, block_k = blocks or _tiles(x2.dtype, M, N, K)
     grid = (triton.cdiv(M, block_m), triton.cdiv(N, block_n))
+    warps = 8 if block_m * block_n >= 128 * 128 and not interpreting() else 4
     _linear_combine_fwd_kernel[grid](
         x2, w, bias if bias is not None else w, others_c, table, y, M, N, K, rows_per_g,
         Q=Q, MODE=_MODE_CODE[mode], HAS_BIAS=bias is not None, UPCAST=interpreting(),
         PRECISION="ieee" if x2.dtype == torch.float32 else None,  # fp32: exact, not TF32
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps,
     )
     return y
 

@@ -186,6 +186,9 @@ def test_kernel_compiles_for_sm90(compile_for_sm90):
              for mode in (0, 2)
              for prec, types in (("ieee", {}), (None, {"x_ptr": "*bf16", "w_ptr": "*bf16", "y_ptr": "*bf16"}))]
     compile_for_sm90("routec.codegen.linear_combine", specs)
+    compile_for_sm90("routec.codegen.linear_combine", [("_linear_combine_fwd_kernel", dict(
+        Q=1, MODE=1, HAS_BIAS=False, UPCAST=False, PRECISION=None, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64),
+        {"x_ptr": "*bf16", "w_ptr": "*bf16", "others_ptr": "*bf16", "y_ptr": "*bf16"})], num_warps=8)
 
 
 # ------------------------------------------------------------------------------------ the lowering (elaborate)
