@@ -292,6 +292,30 @@ def test_lowering_gate(reference_backend, monkeypatch, gate):
     _fused_vs_unfused(monkeypatch, lambda: compile_source(SPEC_GATE.replace("GATE", gate), "g.route"), [x])
 
 
+SPEC_SHARED = """
+model H(d: int = 8) {
+    in x: [B, L, d]
+    m = Linear(d, d)
+    paths p(x) {
+        a: x -> flip(1) -> m -> flip(1)
+        b: m(x)
+    } combine mean
+    out p
+}
+"""
+
+
+def test_lowering_shared_linear(reference_backend, monkeypatch):
+    """The last path's Linear instance also runs in another path: both reach its weight's gradient."""
+    _fused_vs_unfused(monkeypatch, lambda: compile_source(SPEC_SHARED, "h.route"), [torch.randn(2, 5, 8)])
+
+
+def test_lowering_per_token_gate_on_triton_kernel(triton_backend, monkeypatch):
+    x = torch.randn(2, 5, 8)
+    _fused_vs_unfused(monkeypatch, lambda: compile_source(SPEC_GATE.replace("GATE", "softmax"), "g.route",
+                                                          fuse=False), [x])
+
+
 def test_lowering_two_dim_input_on_triton_kernel(triton_backend, monkeypatch):
     x = torch.randn(3, 8)
     _fused_vs_unfused(monkeypatch, lambda: compile_source(SPEC_2D, "t.route", fuse=False), [x])
