@@ -12,7 +12,8 @@ from typing import Any
 
 import torch.fx as fx
 
-from ..codegen import ops, runtime
+from ..codegen import lif, ops, runtime
+from ..codegen.functions import linear_scan_nd
 from .meta import ROUTE_STMT
 
 STYLES = {
@@ -29,9 +30,12 @@ STYLES = {
 MODULE_KINDS = {
     runtime.TopKGate: "gate", runtime.SoftGate: "gate", runtime.HardGate: "gate",
     runtime.Experts: "route", runtime.BranchRoute: "route", runtime.PathCombine: "paths", runtime.EnsemblePaths: "paths",
-    runtime.ExitPoint: "exit", runtime.ExitFinal: "exit", runtime.ScanLoop: "scan",
+    runtime.ExitPoint: "exit", runtime.ExitFinal: "exit", runtime.ExitScore: "exit", runtime.ScanLoop: "scan",
 }
-SCAN_OPS = {ops.linear_scan, ops.leaky_rnn_scan, ops.selective_scan, ops.lif_scan}
+SCAN_OPS = {ops.linear_scan, ops.leaky_rnn_scan, ops.selective_scan, ops.lif_scan, ops.gru_scan, ops.lstm_scan,
+            ops.multi_route_linear_scan, ops.multi_route_selective_scan, lif.threshold_scan, linear_scan_nd}
+# fused ops that stand for a construct: an exit head with its rule, a path combine in the last path's GEMM
+FUNCTION_KINDS = {ops.linear_exit: "exit", ops.linear_combine: "paths"}
 HIDDEN = {operator.getitem, runtime.batch_dim}
 
 
@@ -45,6 +49,8 @@ def classify(gm: fx.GraphModule, node: fx.Node) -> str:
         return MODULE_KINDS.get(type(gm.get_submodule(node.target)), "layer")
     if node.op == "call_function" and node.target in SCAN_OPS:
         return "scan"
+    if node.op == "call_function" and node.target in FUNCTION_KINDS:
+        return FUNCTION_KINDS[node.target]
     return "op"
 
 

@@ -623,3 +623,24 @@ def test_cli_run_time_failures_point_at_the_statement_and_oversized_models_are_r
     done = run_cli("run", str(ROOT / "examples" / "moe.route"), "--param", "d=2000000")
     assert done.returncode == 1 and "Traceback" not in done.stderr
     assert "pass smaller sizes with --param" in done.stderr
+
+
+def test_graph_draws_fused_constructs_as_their_construct():
+    """Ops that stand for a construct keep its shape in `routec graph`: the merged multi-route S6 scan and the
+    fused leaky-τ scan as scans, the fused exit head as an exit, the combine fused into a Linear as paths."""
+    from routec.compiler import load
+    from routec.compiler.graph import classify
+
+    def kinds(net):
+        gm = net.graph_module
+        return {getattr(n.target, "__name__", str(n.target)): classify(gm, n)
+                for n in gm.graph.nodes if n.op == "call_function"}
+
+    mhs = kinds(load("stdlib:mhs_vm", device="meta", d=12, depth=1, state=4, size=16))
+    assert mhs["multi_route_selective_scan"] == "scan"
+    tau = kinds(load("stdlib:leaky_rnn_tau", device="meta", n=12, heads=2))
+    assert tau["leaky_rnn_scan"] == "scan"
+    exits = kinds(load(ROOT / "examples" / "early_exit.route", device="meta"))
+    assert exits["linear_exit"] == "exit"
+    paths = kinds(load(ROOT / "examples" / "paths.route", device="meta", model="GatedPair", d=8))
+    assert paths["linear_combine"] == "paths"
