@@ -101,3 +101,18 @@ for name, constexprs, types in {specs!r}:
 def compile_for_sm90():
     """`compile_for_sm90(module, specs, num_warps=4)`: build kernels to sm_90 machine code (see above)."""
     return _compile_for_sm90
+
+
+@pytest.fixture
+def triton_backend(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Run `routec.codegen.ops` on the Triton kernels in the interpreter, outputs NaN-poisoned (kernel tests;
+    TRITON_INTERPRET must also be set before the process starts, as the README's test command does)."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setenv("ROUTEC_BACKEND", "triton")
+    monkeypatch.setenv("ROUTEC_POISON", "1")
+
+
+@pytest.fixture
+def reference_backend(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Run `routec.codegen.ops` on the pure-PyTorch references."""
+    monkeypatch.setenv("ROUTEC_BACKEND", "reference")

@@ -21,18 +21,6 @@ from routec.codegen import ops, runtime
 from routec.compiler import compile_source
 
 
-@pytest.fixture
-def triton_backend(monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-    monkeypatch.setenv("ROUTEC_BACKEND", "triton")
-    monkeypatch.setenv("ROUTEC_POISON", "1")
-
-
-@pytest.fixture
-def reference_backend(monkeypatch):
-    monkeypatch.setenv("ROUTEC_BACKEND", "reference")
-
-
 def _gen(seed=0):
     return torch.Generator().manual_seed(seed)
 

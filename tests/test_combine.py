@@ -10,18 +10,6 @@ from routec.codegen import combine as combine_mod
 from routec.codegen.ops import gated_combine
 
 
-@pytest.fixture
-def triton_backend(monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-    monkeypatch.setenv("ROUTEC_BACKEND", "triton")
-    monkeypatch.setenv("ROUTEC_POISON", "1")
-
-
-@pytest.fixture
-def reference_backend(monkeypatch):
-    monkeypatch.setenv("ROUTEC_BACKEND", "reference")
-
-
 # (paths shape [P, *S, D], weights shape [*S', P]): per sample, per token, global, broadcast dims, odd D.
 CASES = [
     ((3, 2, 5, 17), (2, 3)),  # [P, B, L, D], per sample [B, P]

@@ -24,18 +24,6 @@ from routec.codegen.ops import (
 )
 
 
-@pytest.fixture
-def triton_backend(monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-    monkeypatch.setenv("ROUTEC_BACKEND", "triton")
-    monkeypatch.setenv("ROUTEC_POISON", "1")
-
-
-@pytest.fixture
-def reference_backend(monkeypatch):
-    monkeypatch.setenv("ROUTEC_BACKEND", "reference")
-
-
 def _gen(seed=0):
     return torch.Generator().manual_seed(seed)
 

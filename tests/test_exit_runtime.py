@@ -14,7 +14,6 @@ import pytest
 import torch
 
 from routec.codegen import functions, ops, runtime
-from routec.codegen import exits as ex
 from routec.compiler import compile_source, load
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -16,11 +16,6 @@ STDLIB = Path(rnn.__file__).resolve().parent.parent / "stdlib" / "leaky_rnn_tau.
 SMALL = dict(n_in=1, n=12, heads=3, classes=2)
 
 
-@pytest.fixture
-def reference_backend(monkeypatch):
-    monkeypatch.setenv("ROUTEC_BACKEND", "reference")
-
-
 def build(monkeypatch, src, fused, **params):
     monkeypatch.setenv("ROUTEC_SCAN_FUSION", "1" if fused else "0")
     return compile_source(src, "leaky_tau_test.route", **params)

@@ -10,18 +10,6 @@ from routec.codegen import lif as lif_mod
 from routec.codegen.ops import lif_scan
 
 
-@pytest.fixture
-def triton_backend(monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-    monkeypatch.setenv("ROUTEC_BACKEND", "triton")
-    monkeypatch.setenv("ROUTEC_POISON", "1")
-
-
-@pytest.fixture
-def reference_backend(monkeypatch):
-    monkeypatch.setenv("ROUTEC_BACKEND", "reference")
-
-
 class _ATanSpike(torch.autograd.Function):
     """SpikingJelly's ATan surrogate (alpha=2), written out by hand as an independent check."""
 

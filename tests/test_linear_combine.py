@@ -11,18 +11,6 @@ from routec.codegen import linear_combine as lc
 from routec.codegen.ops import linear_combine
 
 
-@pytest.fixture
-def triton_backend(monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-    monkeypatch.setenv("ROUTEC_BACKEND", "triton")
-    monkeypatch.setenv("ROUTEC_POISON", "1")
-
-
-@pytest.fixture
-def reference_backend(monkeypatch):
-    monkeypatch.setenv("ROUTEC_BACKEND", "reference")
-
-
 # (x shape [*S, K], N, P, mode, weights shape [*S', P] or None, bias?)
 CASES = [
     ((2, 5, 17), 19, 3, "gate", (2, 3), True),  # per-sample gate, N-D input

@@ -23,11 +23,6 @@ def triton_backend(monkeypatch):
     monkeypatch.setenv("ROUTEC_POISON", "1")
 
 
-@pytest.fixture
-def reference_backend(monkeypatch):
-    monkeypatch.setenv("ROUTEC_BACKEND", "reference")
-
-
 def _problem(T, d, h, E, k, activation, dead=(), seed=0, dtype=torch.float32, out=None):
     """Random x, routing (distinct experts per token, none routed to `dead`) and expert weights
     (w2 [E, h, out], out = d by default)."""

@@ -25,18 +25,6 @@ from routec.compiler.passes import multiroute as mr
 from routec.compiler.passes.fusion import verify
 
 
-@pytest.fixture
-def reference_backend(monkeypatch):
-    monkeypatch.setenv("ROUTEC_BACKEND", "reference")
-
-
-@pytest.fixture
-def triton_backend(monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-    monkeypatch.setenv("ROUTEC_BACKEND", "triton")
-    monkeypatch.setenv("ROUTEC_POISON", "1")
-
-
 class Builder:
     """An fx graph of placeholders with symbolic shapes (as the elaborator records them) and, beside it, a
     random example value for each, in placeholder order."""

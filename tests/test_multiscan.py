@@ -10,18 +10,6 @@ from routec.codegen.ops import multi_route_linear_scan, multi_route_selective_sc
 from routec.codegen.scan import linear_scan_reference, selective_scan_reference
 
 
-@pytest.fixture
-def triton_backend(monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-    monkeypatch.setenv("ROUTEC_BACKEND", "triton")
-    monkeypatch.setenv("ROUTEC_POISON", "1")
-
-
-@pytest.fixture
-def reference_backend(monkeypatch):
-    monkeypatch.setenv("ROUTEC_BACKEND", "reference")
-
-
 def _routes(L, kinds=("forward", "reverse", "random"), seed=0):
     g = torch.Generator().manual_seed(seed)
     return torch.stack([route_table(k, L, generator=g) for k in kinds])

@@ -9,18 +9,6 @@ from routec.codegen import rnn
 from routec.codegen.ops import gru_scan, leaky_rnn_scan, lstm_scan
 
 
-@pytest.fixture
-def triton_backend(monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-    monkeypatch.setenv("ROUTEC_BACKEND", "triton")
-    monkeypatch.setenv("ROUTEC_POISON", "1")
-
-
-@pytest.fixture
-def reference_backend(monkeypatch):
-    monkeypatch.setenv("ROUTEC_BACKEND", "reference")
-
-
 def _rand(g, *shape, scale=1.0, dtype=torch.float32):
     return (torch.randn(*shape, generator=g, dtype=dtype) * scale).requires_grad_()
 

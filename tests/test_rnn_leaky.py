@@ -11,18 +11,6 @@ from routec.codegen import rnn
 from routec.codegen.ops import leaky_rnn_scan
 
 
-@pytest.fixture
-def triton_backend(monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-    monkeypatch.setenv("ROUTEC_BACKEND", "triton")
-    monkeypatch.setenv("ROUTEC_POISON", "1")
-
-
-@pytest.fixture
-def reference_backend(monkeypatch):
-    monkeypatch.setenv("ROUTEC_BACKEND", "reference")
-
-
 class _Forbidden:
     """Stands in for a kernel that must not run."""
 

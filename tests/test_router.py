@@ -20,11 +20,6 @@ def triton_backend(monkeypatch):
     monkeypatch.setenv("ROUTEC_POISON", "1")
 
 
-@pytest.fixture
-def reference_backend(monkeypatch):
-    monkeypatch.setenv("ROUTEC_BACKEND", "reference")
-
-
 def _logits(T, E, seed=0, dtype=torch.float32, dead=(), ties=False):
     g = torch.Generator().manual_seed(seed)
     logits = torch.randn(T, E, generator=g, dtype=dtype)

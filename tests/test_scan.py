@@ -17,11 +17,6 @@ def triton_backend(monkeypatch):
     monkeypatch.setenv("ROUTEC_POISON", "1")  # launchers allocate outputs full of NaN
 
 
-@pytest.fixture
-def reference_backend(monkeypatch):
-    monkeypatch.setenv("ROUTEC_BACKEND", "reference")
-
-
 def _close(x, y, tol=2e-5):
     assert x.shape == y.shape
     assert torch.isfinite(x).all(), "kernel left elements unwritten (NaN) or overflowed"

@@ -13,11 +13,6 @@ FUSED_OPS = {"selective_scan", "multi_route_selective_scan", "multi_route_linear
              "threshold_scan"}
 
 
-@pytest.fixture
-def reference_backend(monkeypatch):
-    monkeypatch.setenv("ROUTEC_BACKEND", "reference")
-
-
 def build(monkeypatch, src, fused, **params):
     monkeypatch.setenv("ROUTEC_SCAN_FUSION", "1" if fused else "0")
     return compile_source(src, "fusion_test.route", **params)
