@@ -10,8 +10,6 @@ against the reference backend.
 
 from __future__ import annotations
 
-import contextlib
-
 import pytest
 import torch
 from torch import nn
@@ -19,6 +17,7 @@ from torch import nn
 from routec.codegen import compaction as comp
 from routec.codegen import ops, runtime
 from routec.compiler import compile_source
+from host_reads import count_host_reads
 
 
 def _gen(seed=0):
@@ -109,35 +108,6 @@ def test_compact_groups_compiles_fullgraph(triton_backend):
 
 
 # ---------------------------------------------------------------------------------------------- host reads
-
-HOST_READS = ("item", "tolist", "__int__", "__float__", "__bool__", "__index__", "nonzero", "cpu", "numpy")
-
-
-@contextlib.contextmanager
-def count_host_reads():
-    """Count every call of a Tensor method that brings device data to the host (and torch.nonzero)."""
-    calls: list[str] = []
-    patch = pytest.MonkeyPatch()
-    for name in HOST_READS:
-        original = getattr(torch.Tensor, name)
-
-        def spy(self, *args, __original=original, __name=name, **kwargs):
-            calls.append(__name)
-            return __original(self, *args, **kwargs)
-
-        patch.setattr(torch.Tensor, name, spy)
-    original_nonzero = torch.nonzero
-
-    def spy_nonzero(*args, **kwargs):
-        calls.append("torch.nonzero")
-        return original_nonzero(*args, **kwargs)
-
-    patch.setattr(torch, "nonzero", spy_nonzero)
-    try:
-        yield calls
-    finally:
-        patch.undo()
-
 
 class RowBranch(nn.Module):
     """A row-wise branch that reads a travelling per-row tensor and a fixed outside tensor."""

@@ -12,7 +12,6 @@ the gate option (topk too, where it agrees with the router's drops), the emitter
 
 from __future__ import annotations
 
-import contextlib
 import math
 
 import pytest
@@ -23,39 +22,13 @@ from routec.codegen import compaction as comp
 from routec.codegen import runtime
 from routec.compiler import compile_source
 from routec.dsl import RouteError
+from host_reads import count_host_reads
 
 P, B, T, D = 3, 3, 5, 4
-HOST_READS = ("item", "tolist", "__int__", "__float__", "__bool__", "__index__", "nonzero", "cpu", "numpy")
 
 
 def _gen(seed=0):
     return torch.Generator().manual_seed(seed)
-
-
-@contextlib.contextmanager
-def count_host_reads():
-    """Count every call of a Tensor method that brings device data to the host (and torch.nonzero)."""
-    calls: list[str] = []
-    patch = pytest.MonkeyPatch()
-    for name in HOST_READS:
-        original = getattr(torch.Tensor, name)
-
-        def spy(self, *args, __original=original, __name=name, **kwargs):
-            calls.append(__name)
-            return __original(self, *args, **kwargs)
-
-        patch.setattr(torch.Tensor, name, spy)
-    original_nonzero = torch.nonzero
-
-    def spy_nonzero(*args, **kwargs):
-        calls.append("torch.nonzero")
-        return original_nonzero(*args, **kwargs)
-
-    patch.setattr(torch, "nonzero", spy_nonzero)
-    try:
-        yield calls
-    finally:
-        patch.undo()
 
 
 class RowBranch(nn.Module):
