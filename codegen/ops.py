@@ -19,3 +19,4 @@ from .moe import moe_ffn
 from .multiscan import multi_route_linear_scan, multi_route_selective_scan, route_table
 from .compaction import compact_groups
 from .linear_combine import linear_combine
+from .gated_conv import gated_conv_bn_relu
