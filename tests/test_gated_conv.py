@@ -132,3 +132,124 @@ def test_kernel_compiles_for_sm90(compile_for_sm90):
                                          BLOCK_K=16),
               dict(ints, x_ptr="*bf16", w_ptr="*bf16", out_ptr="*bf16"))]
     compile_for_sm90("routec.codegen.gated_conv", specs)
+
+
+# ------------------------------------------------------------------ the channel-gate pass on stdlib:ftwt
+
+from routec.compiler import load  # noqa: E402
+from routec.compiler.passes import channel_gate  # noqa: E402
+
+SMALL = dict(cfg=[8, 0, 8, 16, 0, 16, 0], n_layers=7, img=8, classes=4)
+
+
+def _ftwt_pair(monkeypatch, **kw):
+    """(fused, dense): stdlib:ftwt with the pass and with ROUTEC_CHANNEL_GATE=0, holding the same state."""
+    torch.manual_seed(0)
+    fused = load("stdlib:ftwt", **SMALL, **kw)
+    monkeypatch.setenv("ROUTEC_CHANNEL_GATE", "0")
+    dense = load("stdlib:ftwt", **SMALL, **kw)
+    monkeypatch.delenv("ROUTEC_CHANNEL_GATE")
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, t in fused.state_dict().items():
+            if name.endswith("running_mean"):
+                t.copy_(0.2 * torch.randn(t.shape, generator=g))
+            elif name.endswith("running_var"):
+                t.copy_(0.5 + torch.rand(t.shape, generator=g))
+            elif name.endswith(("bn.weight", "bn.bias", "predictor.bias")):
+                t.copy_(torch.randn(t.shape, generator=g) * (1.0 if "predictor" in name else 0.3)
+                        + (1.0 if name.endswith("bn.weight") else 0.0))
+    dense.load_state_dict(fused.state_dict(), strict=True)  # the same names: the pass renamed nothing
+    return fused, dense
+
+
+def _blocks(net):
+    return [n for n in net.graph_module.graph.nodes if n.op == "call_module"
+            and isinstance(net.graph_module.get_submodule(str(n.target)), gc.GatedConvBlock)]
+
+
+def test_pass_rewrites_the_gated_layers(reference_backend, monkeypatch):
+    fused, dense = _ftwt_pair(monkeypatch)
+    assert [str(n.target) for n in _blocks(fused)] == ["layers.2.channel_gate", "layers.3.channel_gate",
+                                                       "layers.5.channel_gate"]
+    assert _blocks(dense) == []
+    convs = [str(n.target) for n in fused.graph_module.graph.nodes if str(n.target).endswith(".conv")]
+    assert convs == ["layers.0.conv"]  # the first conv has no gate
+    assert list(fused.state_dict()) == list(dense.state_dict())
+    assert channel_gate.gate_module(fused) == 0  # nothing left to match
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_pass_eval_equals_dense(backend, monkeypatch):
+    monkeypatch.setenv("ROUTEC_BACKEND", backend)
+    if backend == "triton":
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+        monkeypatch.setenv("ROUTEC_POISON", "1")
+    fused, dense = _ftwt_pair(monkeypatch, fuse=False)
+    fused.eval(), dense.eval()
+    launches = []
+    kernel = gc.gated_conv_forward
+    monkeypatch.setattr(gc, "gated_conv_forward", lambda *a, **k: launches.append(1) or kernel(*a, **k))
+    img = torch.randn(5, 3, 8, 8, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        a, b = fused(img), dense(img)
+    assert len(launches) == (3 if backend == "triton" else 0)  # the three gated layers ran the kernel
+    keep = a.mask_logits > 0
+    assert 0.1 < keep.float().mean() < 0.9  # some filters on, some off
+    torch.testing.assert_close(a.logits, b.logits, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(a.mask_logits, b.mask_logits, atol=1e-5, rtol=1e-5)
+
+
+def test_pass_training_unchanged(reference_backend, monkeypatch):
+    fused, dense = _ftwt_pair(monkeypatch)
+    fused.train(), dense.train()
+    img = torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(3))
+    labels = torch.tensor([0, 1, 2, 3])
+    grads = []
+    for net in (fused, dense):
+        out = net(img)
+        loss = F.cross_entropy(out.logits, labels) + out.mask_logits.pow(2).mean()
+        grads.append((loss.detach(), torch.autograd.grad(loss, list(net.parameters()))))
+    torch.testing.assert_close(grads[0][0], grads[1][0], rtol=0, atol=0)
+    for ga, gb in zip(grads[0][1], grads[1][1]):
+        torch.testing.assert_close(ga, gb, rtol=0, atol=0)
+    for (na, ta), (nb, tb) in zip(fused.state_dict().items(), dense.state_dict().items()):
+        assert na == nb
+        torch.testing.assert_close(ta, tb, rtol=0, atol=0)  # BN running statistics updated alike
+
+
+def test_pass_off_switch_and_emitted_module(reference_backend, monkeypatch, tmp_path):
+    import importlib.util
+
+    from routec.compiler.emit import emit_module
+
+    fused, _ = _ftwt_pair(monkeypatch)
+    source = emit_module(fused, "stdlib:ftwt")
+    assert "gated_conv.GatedConvBlock(self.layers[2].conv, self.layers[2].bn)" in source
+    path = tmp_path / "ftwt_routec.py"
+    path.write_text(source, encoding="utf-8")
+    spec = importlib.util.spec_from_file_location("emitted_ftwt_gate", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    rebuilt = getattr(module, fused.spec_name)()
+    rebuilt.load_state_dict(fused.state_dict())
+    fused.eval(), rebuilt.eval()
+    img = torch.randn(3, 3, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(rebuilt(img).logits, fused(img).logits, rtol=0, atol=0)
+
+
+def test_pass_leaves_unproven_masks_alone(reference_backend):
+    from routec.compiler import compile_source
+
+    spec = """
+model G(c: int = 4) {
+    in x: [B, 3, 6, 6]
+    in m: [B, c, 1, 1]
+    conv = Conv2d(3, c, 3, padding=1)
+    bn = BatchNorm2d(c)
+    out y = (x -> conv -> bn -> relu) * m
+}
+"""
+    net = compile_source(spec)
+    assert _blocks(net) == []  # m is not provably 0/1: the dense ops stay
