@@ -40,11 +40,12 @@ def compile_source(text: str, filename: str = "<string>", *, model: Optional[str
     from .passes import fuse_module, should_fuse, verify
     from .passes.batch_calls import batch_module
     from .passes.multiroute import merge_routes
+    from .passes.channel_gate import gate_module
 
     with torch.device(device) if device is not None else contextlib.nullcontext():
         net = elaborate(filename, text, params, model=model)
     if graph_passes:
-        for rewrite in (batch_module, merge_routes):
+        for rewrite in (batch_module, merge_routes, gate_module):
             if rewrite(net):
                 verify(net.graph_module)
     if should_fuse(fuse):
