@@ -30,8 +30,9 @@ def compile_source(text: str, filename: str = "<string>", *, model: Optional[str
     allocating its weights).
 
     `graph_passes` runs the exact graph rewrites (docs/passes.md): `batch_calls` (independent calls of one
-    shared per-sample module become one call on the concatenated batch) and `multiroute` (independent
-    multi-route scans of equal sizes become one launch). False keeps the graph as elaborated.
+    shared per-sample module become one call on the concatenated batch), `multiroute` (independent
+    multi-route scans of equal sizes become one launch) and `channel_gate` (relu(bn(conv(x))) times a per-sample
+    0/1 channel mask skips the off filters in eval). False keeps the graph as elaborated.
 
     `fuse` runs the elementwise fusion pass (`compiler.passes.fusion`); None fuses when the kernels will run
     as Triton (ROUTEC_BACKEND=triton, or CUDA present and the backend not forced to `reference`).
@@ -39,8 +40,8 @@ def compile_source(text: str, filename: str = "<string>", *, model: Optional[str
     from .build import elaborate
     from .passes import fuse_module, should_fuse, verify
     from .passes.batch_calls import batch_module
-    from .passes.multiroute import merge_routes
     from .passes.channel_gate import gate_module
+    from .passes.multiroute import merge_routes
 
     with torch.device(device) if device is not None else contextlib.nullcontext():
         net = elaborate(filename, text, params, model=model)
