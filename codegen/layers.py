@@ -123,10 +123,41 @@ class SelfAttention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, L, d]
         q, k, v = (_split_heads(proj(x), self.heads) for proj in (self.q, self.k, self.v))  # [B, H, L, dh]
-        y = F.scaled_dot_product_attention(
-            q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=self.causal
-        )
+        real = _token_padding(x)
+        if real is None:
+            y = F.scaled_dot_product_attention(
+                q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=self.causal
+            )
+        else:
+            y = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=_key_padding_mask(real, self.causal),
+                dropout_p=self.dropout if self.training else 0.0,
+            )
         return self.o(_merge_heads(y))
+
+
+def _token_padding(x: torch.Tensor) -> torch.Tensor | None:
+    """The real-token mask bool [B, L] a capacity-bounded token route set for the sequences `x` [B, L, d]
+    (`runtime.token_padding`), or None when every token is real."""
+    from .runtime import token_padding  # runtime builds on these layers' package: import at call time
+
+    real = token_padding.mask
+    if real is None or tuple(real.shape) != tuple(x.shape[:2]):
+        return None
+    return real
+
+
+def _key_padding_mask(real: torch.Tensor, causal: bool) -> torch.Tensor:
+    """bool [B, 1, L, L], True where query i may attend key j: j is a real token (and j <= i when causal).
+    Each query also keeps its own key, so that a padding query (all of whose keys may be padding) never has
+    an all-masked softmax row (NaN, whose gradient would poison the projections); a real query's own key is
+    real anyway, so real queries attend exactly the real keys."""
+    n = real.shape[-1]
+    eye = torch.eye(n, dtype=torch.bool, device=real.device)  # [L, L]
+    allowed = real[:, None, :] | eye  # [B, L, L]
+    if causal:
+        allowed = allowed & torch.ones(n, n, dtype=torch.bool, device=real.device).tril()
+    return allowed.unsqueeze(1)
 
 
 @recorded

@@ -163,11 +163,13 @@ class BranchRoute(nn.Module):
     together, for row-wise branches), "tokens" (each sample's chosen tokens as one sequence, for branches
     that mix tokens such as attention), "samples" (a per-sample gate sends whole samples).
 
-    `capacity_factor` > 0 (mode "rows" only): each branch runs on a static batch of
+    `capacity_factor` > 0 (modes "rows" and "tokens"): each branch runs on a static batch of
     C = `branch_capacity(rows, k, branches, capacity_factor)` rows, the first C rows (in row order) that
     chose it, zero-padded when fewer did; the rows over a branch's capacity are dropped from it (they add
     0, as `route_tokens` drops tokens over an expert's capacity). Shapes then come from the input's shape
-    alone: no host read, and a static graph under torch.compile.
+    alone: no host read, and a static graph under torch.compile. In "tokens" mode the capacity counts the
+    tokens of each (sample, branch): C = `branch_capacity(L, k, branches, capacity_factor)`, the branch runs
+    once on [B, C, d] with `token_padding` marking the real tokens (see `_route_tokens_capped`).
     """
 
     def __init__(self, branches: Sequence[nn.Module], mode: str = "rows", extras: Optional[list] = None,
@@ -177,9 +179,9 @@ class BranchRoute(nn.Module):
         # outside the registry keeps each parameter under one name in state_dict
         object.__setattr__(self, "branches", list(branches))
         self.mode = mode
-        if capacity_factor < 0 or (capacity_factor > 0 and mode != "rows"):
-            raise ValueError(f"BranchRoute: capacity_factor must be >= 0 and needs mode 'rows', got "
-                             f"{capacity_factor} in mode {mode!r}")
+        if capacity_factor < 0 or (capacity_factor > 0 and mode == "samples"):
+            raise ValueError(f"BranchRoute: capacity_factor must be >= 0 and needs mode 'rows' or 'tokens', "
+                             f"got {capacity_factor} in mode {mode!r}")
         self.capacity_factor = float(capacity_factor)
         # per branch, for each outside tensor it reads: whether it travels with the rows (same leading dims)
         self.extras = [list(e) for e in (extras or [[] for _ in branches])]
@@ -196,6 +198,8 @@ class BranchRoute(nn.Module):
         if self.mode == "samples":  # whole samples [B, ...] go to a branch
             return self._route(x, weights, indices, per_branch)
         if self.mode == "tokens":  # each sample's chosen tokens form one sequence for a token-mixing branch
+            if self.capacity_factor > 0:
+                return self._route_tokens_capped(x, weights, indices, per_branch)
             return self._route_tokens(x, weights, indices, per_branch)
         lead = x.shape[:-1]
         flat = [[e.reshape(-1, *e.shape[len(lead):]) if rowwise else e for e, rowwise in zip(es, flags)]
@@ -300,6 +304,49 @@ class BranchRoute(nn.Module):
         ids = torch.arange(len(self.branches), dtype=indices.dtype, device=indices.device)
         return ids.reshape(-1, *([1] * indices.dim()))
 
+    def _route_tokens_capped(self, x: Tensor, weights: Tensor, indices: Tensor, per_branch: list) -> Tensor:
+        """`_route_tokens` with a declared capacity: one batched call per branch, static shapes, no host read.
+
+        x [B, L, d]. Per (branch p, sample b), `compact_groups` over the [P * B, L] choice masks puts the
+        tokens of b that chose p first (in token order); the first C = `capacity(L, k)` of them, zero-padded
+        past the count, form row b of a [B, C, d] batch, and the branch runs once on it while
+        `token_padding` holds the [B, C] real-token mask (attention ignores the padding keys). The results
+        are weighted, the padding rows masked to 0 and added back at their tokens; tokens of b that chose p
+        past the capacity are dropped from p (they add 0), as in "rows" mode.
+        """
+        n_samples, n_tokens, k = x.shape[0], x.shape[1], indices.shape[-1]
+        cap = self.capacity(n_tokens, k)
+        keep = (indices.unsqueeze(0) == self._branch_ids(indices)).any(-1)  # [P, B, L]
+        perms, counts = ops.compact_groups(keep.reshape(-1, n_tokens))  # [P * B, L], [P * B] (on the device)
+        live = torch.arange(cap, device=x.device).unsqueeze(0) < counts.unsqueeze(1)  # [P * B, C]
+        base = (torch.arange(n_samples, device=x.device) * n_tokens).unsqueeze(1)  # [B, 1]: first flat row of b
+        out: Optional[Tensor] = None
+        for p, branch in enumerate(self.branches):
+            wp = (weights * (indices == p).to(weights.dtype)).sum(-1)  # [B, L]
+            groups = range(p * n_samples, (p + 1) * n_samples)
+            rows = perms[p * n_samples: (p + 1) * n_samples, :cap]  # [B, C]: first C tokens of p per sample
+            travelling = [e for e, rowwise in zip(per_branch[p], self.extras[p]) if rowwise]
+            chosen, *moved = [torch.stack([_gather(t[b], perms[g], counts[g: g + 1], cap)
+                                           for b, g in enumerate(groups)]) if n_samples else
+                              t.new_zeros(0, cap, *t.shape[2:])
+                              for t in (x, *travelling)]  # each [B, C, ...]
+            gathered = iter(moved)
+            inputs = [next(gathered) if rowwise else e for e, rowwise in zip(per_branch[p], self.extras[p])]
+            real = live[p * n_samples: (p + 1) * n_samples]  # [B, C]
+            previous = token_padding.mask
+            token_padding.mask = real
+            try:
+                yp = branch(chosen, *inputs)  # [B, C, e]
+            finally:
+                token_padding.mask = previous
+            yp = yp * torch.gather(wp, 1, rows).unsqueeze(-1)
+            yp = torch.where(real.unsqueeze(-1), yp, yp.new_zeros(()))  # padding adds exactly 0 (even inf)
+            if out is None:
+                out = x.new_zeros(n_samples * n_tokens, yp.shape[-1], dtype=yp.dtype)
+            out = out.index_add(0, (rows + base).reshape(-1), yp.reshape(-1, yp.shape[-1]))
+        assert out is not None
+        return out.reshape(n_samples, n_tokens, out.shape[-1])
+
     def _route_tokens(self, x: Tensor, weights: Tensor, indices: Tensor, per_branch: list) -> Tensor:
         if tracing(x, weights, indices):
             return self._route_tokens_packed(x, weights, indices, per_branch)
@@ -347,6 +394,19 @@ class BranchRoute(nn.Module):
                 out = out.index_put((torch.full_like(rows, b), rows), yb, accumulate=True)
         assert out is not None
         return out
+
+
+class TokenPadding:
+    """Which rows of the sequences a token-mixing module sees are real tokens: `mask` bool [B, L] (True: a
+    real token, False: padding), or None (every token is real). A capacity-bounded "tokens" route
+    (`BranchRoute._route_tokens_capped`) sets it around each branch call; `SelfAttention` then keeps padding
+    keys out of every real query's softmax. A plain attribute (not a ContextVar) so that torch.compile
+    traces its reads and writes without a graph break; it is only set for the duration of one branch call."""
+
+    mask: Optional[Tensor] = None
+
+
+token_padding = TokenPadding()
 
 
 def _gather(t: Tensor, perm: Tensor, count: Tensor, size: int) -> Tensor:

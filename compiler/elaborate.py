@@ -1350,7 +1350,7 @@ class Elaborator:
             if tuple(shp[-1:]) != tuple(shapes[0][-1:]):
                 self.error("R121", f"route branches must produce equal widths, got "
                            f"{render_shape(shapes[0])} and {render_shape(shp)}", br.span)
-        capacity = self.route_capacity(e, gate, mode)
+        capacity = self.route_capacity(e, gate, mode, modules)
         path = join(scope.prefix, f"route_{gate.name}")
         if self.lookup_module(path) is None:
             self.register(path, runtime.BranchRoute(modules, mode=mode,
@@ -1368,23 +1368,30 @@ class Elaborator:
             return Tensor(node, x.shape[:1] + tuple(shapes[0][1:]))
         return Tensor(node, x.shape[:-1] + tuple(shapes[0][-1:]))
 
-    def route_capacity(self, e: ast.Route, gate: GateValue, mode: str) -> float:
-        """The capacity factor of a route by `gate` (0.0: none). Only row-wise routes ("rows" mode) run
-        capacity-bounded branches: elsewhere padding rows would enter a branch's attention or batch
-        statistics, so a capacity is an error there — except for `topk`, whose router already drops the
-        weights over capacity (those rows then run and contribute 0, as before)."""
+    def route_capacity(self, e: ast.Route, gate: GateValue, mode: str, modules: list[fx.GraphModule]) -> float:
+        """The capacity factor of a route by `gate` (0.0: none). Row-wise routes ("rows" mode) run
+        capacity-bounded branches, and so do token routes ("tokens" mode) whose branches mix tokens only
+        through self-attention (which masks the padding keys, `runtime.token_padding`): elsewhere padding
+        rows would enter a branch's token mixing or batch statistics, so a capacity is an error there —
+        except for `topk`, whose router already drops the weights over capacity (those rows then run and
+        contribute 0, as before)."""
         if not gate.capacity or mode == "rows":
             return gate.capacity
+        mixer = None
+        if mode == "tokens":
+            mixer = next((m for m in (_padding_unaware(gm) for gm in modules) if m is not None), None)
+            if mixer is None:
+                return gate.capacity
         if gate.kind == "topk":
             return 0.0
         what = "whole samples (a per-sample gate)" if mode == "samples" else \
-            "token sets of branches that mix tokens (attention, convolution, …)"
+            f"token sets to branches that mix tokens with `{mixer}`, which cannot mask padding tokens"
         notes = [Note(message="the capacity is declared here", span=gate.capacity_span)] if gate.capacity_span else []
         self.error("R136", f"gate `{gate.name}` declares a capacity, but this route sends {what}: a capacity "
-                   "needs row-wise branches (padding rows would enter the others' token mixing or batch "
-                   "statistics)", e.span, notes=notes,
+                   "needs branches that are row-wise or mix tokens only by self-attention (padding rows would "
+                   "enter the others' token mixing or batch statistics)", e.span, notes=notes,
                    help="remove `capacity=` or make every branch row-wise (Linear, MLP, norms over the last "
-                        "dimension)")
+                        "dimension) or self-attention (SelfAttention, TransformerBlock)")
 
     def route_subgraphs(self, target: ast.RouteBranches, x: Tensor, row_shape: tuple, scope: Scope,
                         probe: bool) -> Optional[tuple[list[fx.GraphModule], list[tuple], list[list]]]:
@@ -1976,6 +1983,30 @@ ROW_WISE_MODULES = {"Linear", "LayerNorm", "RMSNorm", "MLP", "GELU", "SiLU", "Re
 LAST_DIM_FUNCTIONS = {"narrow", "cat", "concat", "split", "chunk"}
 ROW_WISE_FUNCTIONS = {"add", "sub", "mul", "truediv", "neg", "gelu", "silu", "relu", "tanh", "sigmoid",
                       "softplus", "exp", "log", "abs", "identity", "detach"}
+
+
+# modules that mix tokens but keep padding tokens out of real tokens' results when a capacity-bounded token
+# route marks them (`runtime.token_padding`: SelfAttention masks the padding keys)
+PADDING_AWARE_MODULES = {"SelfAttention", "TransformerBlock"}
+
+
+def _padding_unaware(gm: fx.GraphModule) -> Optional[str]:
+    """The first module or function of a token route's branch that mixes tokens without understanding the
+    padding mask of a capacity-bounded route (None: every node is row-wise or self-attention)."""
+    for node in gm.graph.nodes:
+        if node.op == "call_module":
+            name = type(gm.get_submodule(node.target)).__name__
+            if name not in ROW_WISE_MODULES | PADDING_AWARE_MODULES:
+                return name
+        elif node.op == "call_function":
+            name = getattr(node.target, "__name__", str(node.target))
+            if name in LAST_DIM_FUNCTIONS and node.kwargs.get("dim") == -1:
+                continue
+            if name not in ROW_WISE_FUNCTIONS:
+                return name
+        elif node.op == "call_method":
+            return str(node.target)
+    return None
 
 
 def _row_wise(gm: fx.GraphModule) -> bool:

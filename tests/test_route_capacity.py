@@ -113,8 +113,8 @@ def test_branch_capacity_rule():
 def test_bad_capacity_factor():
     with pytest.raises(ValueError, match="capacity_factor"):
         runtime.BranchRoute([nn.Identity()], mode="rows", capacity_factor=-1.0)
-    with pytest.raises(ValueError, match="mode 'rows'"):
-        runtime.BranchRoute([nn.Identity()], mode="tokens", capacity_factor=1.0)
+    with pytest.raises(ValueError, match="mode 'rows' or 'tokens'"):
+        runtime.BranchRoute([nn.Identity()], mode="samples", capacity_factor=1.0)
 
 
 # ---------------------------------------------------------------------------------------------- values
