@@ -255,40 +255,25 @@ class BranchRoute(nn.Module):
     # Both forms give the same rows in the same order, so the results are the same bit for bit.
 
     def _route(self, xs: Tensor, weights: Tensor, indices: Tensor, per_branch: list) -> Tensor:
+        w = weights.reshape(xs.shape[0], weights.shape[-1])  # [N, k] (explicit k: N may be 0)
+        idx = indices.reshape(xs.shape[0], indices.shape[-1])  # [N, k]
         if tracing(xs, weights, indices):
-            return self._route_packed(xs, weights, indices, per_branch)
-        w = weights.reshape(xs.shape[0], weights.shape[-1])  # [N, k] (explicit k: N may be 0)
-        idx = indices.reshape(xs.shape[0], indices.shape[-1])  # [N, k]
-        keep = (idx.unsqueeze(0) == self._branch_ids(idx)).any(-1)  # [P, N]
-        perms, counts = ops.compact_groups(keep)  # [P, N], [P]
-        sizes = counts.tolist()  # the route's one host read: every branch's row count
-        out: Optional[Tensor] = None
-        for p, branch in enumerate(self.branches):
-            hit = idx == p  # [N, k]
-            wp = (w * hit.to(w.dtype)).sum(-1)  # [N]
-            travelling = [e for e, rowwise in zip(per_branch[p], self.extras[p]) if rowwise]
-            rows = perms[p, : sizes[p]]  # [n_p]
-            chosen, *moved = [_gather(t, perms[p], counts[p: p + 1], sizes[p]) for t in (xs, *travelling)]
-            gathered = iter(moved)
-            inputs = [next(gathered) if rowwise else e for e, rowwise in zip(per_branch[p], self.extras[p])]
-            yp = branch(chosen, *inputs)
-            yp = yp * wp.index_select(0, rows).reshape(-1, *([1] * (yp.dim() - 1)))
-            if out is None:
-                out = xs.new_zeros(xs.shape[0], *yp.shape[1:], dtype=yp.dtype)
-            out = out.index_add(0, rows, yp)
-        assert out is not None
-        return out
+            def pack(p: int, chosen: Tensor, tensors: list) -> list:
+                return ops.pack_rows(chosen, tensors)  # each reads its count inside the op's body
+        else:
+            keep = (idx.unsqueeze(0) == self._branch_ids(idx)).any(-1)  # [P, N]
+            perms, counts = ops.compact_groups(keep)  # [P, N], [P]
+            sizes = counts.tolist()  # the route's one host read: every branch's row count
 
-    def _route_packed(self, xs: Tensor, weights: Tensor, indices: Tensor, per_branch: list) -> Tensor:
-        """`_route` as traced: one `pack_rows` per branch (each reads its count inside the op's body)."""
-        w = weights.reshape(xs.shape[0], weights.shape[-1])  # [N, k] (explicit k: N may be 0)
-        idx = indices.reshape(xs.shape[0], indices.shape[-1])  # [N, k]
+            def pack(p: int, chosen: Tensor, tensors: list) -> list:
+                rows = perms[p, : sizes[p]]  # [n_p]
+                return [rows] + [_gather(t, perms[p], counts[p: p + 1], sizes[p]) for t in tensors]
         out: Optional[Tensor] = None
         for p, branch in enumerate(self.branches):
             hit = idx == p  # [N, k]
             wp = (w * hit.to(w.dtype)).sum(-1)  # [N]
             travelling = [e for e, rowwise in zip(per_branch[p], self.extras[p]) if rowwise]
-            rows, chosen, *moved = ops.pack_rows(hit.any(-1), [xs, *travelling])
+            rows, chosen, *moved = pack(p, hit.any(-1), [xs, *travelling])
             gathered = iter(moved)
             inputs = [next(gathered) if rowwise else e for e, rowwise in zip(per_branch[p], self.extras[p])]
             yp = branch(chosen, *inputs)
@@ -348,42 +333,30 @@ class BranchRoute(nn.Module):
         return out.reshape(n_samples, n_tokens, out.shape[-1])
 
     def _route_tokens(self, x: Tensor, weights: Tensor, indices: Tensor, per_branch: list) -> Tensor:
-        if tracing(x, weights, indices):
-            return self._route_tokens_packed(x, weights, indices, per_branch)
+        """Each sample's chosen tokens, per branch, as one sequence. Eager: every (branch, sample) order and
+        count from one `compact_groups` and ONE host read of the counts, rows gathered with `gather_rows`.
+        Traced: one opaque `pack_rows` per (branch, sample) (an unbacked size)."""
         n_samples = x.shape[0]
-        keep = (indices.unsqueeze(0) == self._branch_ids(indices)).any(-1)  # [P, B, N]
-        perms, counts = ops.compact_groups(keep.reshape(-1, keep.shape[-1]))  # [P * B, N], [P * B]
-        sizes = counts.tolist()  # the route's one host read: every (branch, sample) token count
-        out: Optional[Tensor] = None
-        for p, branch in enumerate(self.branches):
-            hit = indices == p  # [B, N, k]
-            wp = (weights * hit.to(weights.dtype)).sum(-1)  # [B, N]
-            for b in range(n_samples):
-                g = p * n_samples + b
-                travelling = [e[b] for e, rowwise in zip(per_branch[p], self.extras[p]) if rowwise]
-                rows = perms[g, : sizes[g]]  # [n_pb]
-                tokens, *moved = [_gather(t, perms[g], counts[g: g + 1], sizes[g]) for t in (x[b], *travelling)]
-                gathered = iter(moved)
-                inputs = [next(gathered).unsqueeze(0) if rowwise else e
-                          for e, rowwise in zip(per_branch[p], self.extras[p])]
-                yb = branch(tokens.unsqueeze(0), *inputs).squeeze(0)
-                yb = yb * wp[b].index_select(0, rows).unsqueeze(-1)
-                if out is None:
-                    out = x.new_zeros(*x.shape[:-1], yb.shape[-1], dtype=yb.dtype)
-                out = out.index_put((torch.full_like(rows, b), rows), yb, accumulate=True)
-        assert out is not None
-        return out
+        if tracing(x, weights, indices):
+            def pack(p: int, b: int, chosen: Tensor, tensors: list) -> list:
+                return ops.pack_rows(chosen, tensors)
+        else:
+            keep = (indices.unsqueeze(0) == self._branch_ids(indices)).any(-1)  # [P, B, N]
+            perms, counts = ops.compact_groups(keep.reshape(-1, keep.shape[-1]))  # [P * B, N], [P * B]
+            sizes = counts.tolist()  # the route's one host read: every (branch, sample) token count
 
-    def _route_tokens_packed(self, x: Tensor, weights: Tensor, indices: Tensor, per_branch: list) -> Tensor:
-        """`_route_tokens` as traced: one `pack_rows` per (branch, sample)."""
+            def pack(p: int, b: int, chosen: Tensor, tensors: list) -> list:
+                g = p * n_samples + b
+                rows = perms[g, : sizes[g]]  # [n_pb]
+                return [rows] + [_gather(t, perms[g], counts[g: g + 1], sizes[g]) for t in tensors]
         out: Optional[Tensor] = None
         for p, branch in enumerate(self.branches):
             hit = indices == p  # [B, N, k]
             wp = (weights * hit.to(weights.dtype)).sum(-1)  # [B, N]
-            chosen = hit.any(-1)
-            for b in range(x.shape[0]):
+            chosen = hit.any(-1)  # [B, N]
+            for b in range(n_samples):
                 travelling = [e[b] for e, rowwise in zip(per_branch[p], self.extras[p]) if rowwise]
-                rows, tokens, *moved = ops.pack_rows(chosen[b], [x[b], *travelling])
+                rows, tokens, *moved = pack(p, b, chosen[b], [x[b], *travelling])
                 gathered = iter(moved)
                 inputs = [next(gathered).unsqueeze(0) if rowwise else e
                           for e, rowwise in zip(per_branch[p], self.extras[p])]
